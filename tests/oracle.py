@@ -1,0 +1,36 @@
+"""Independent fp64 oracles: plain materialized computations, no project code."""
+from __future__ import annotations
+
+import torch
+
+
+def logprob_oracle(hidden, weight, targets, bias=None, ignore_index=-100, temperature=1.0,
+                   softcap=None, logit_scale=1.0):
+    """fp64, materialized: log_softmax(transform(h @ W.T + b))[target], 0 where ignored.
+
+    Inputs may require grad; the result is differentiable (fp64 autograd)."""
+    h = hidden.double()
+    x = h @ weight.double().t()
+    if bias is not None:
+        x = x + bias.double()
+    x = x * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    x = x / temperature
+    lp = torch.log_softmax(x, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    out = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def eager_logprobs(hidden, weight, targets, bias=None, ignore_index=-100):
+    """What a user writes today, in the inputs' dtype: matmul, log_softmax, gather."""
+    x = hidden @ weight.t()
+    if bias is not None:
+        x = x + bias
+    lp = torch.log_softmax(x.float(), dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    out = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, out, torch.zeros_like(out))
