@@ -4,7 +4,7 @@ native extension sgdpo_fast._C (csrc/, see _extensions()).
 Install for development with ``pip install --no-build-isolation -e .`` after
 torch is installed (the extension builds against the installed torch).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 NAME = "sgdpo_fast"
 
@@ -21,7 +21,7 @@ setup(
     version="0.1.0",
     description="Fused, memory-lean DPO / SGDPO / SGPO preference optimization kernels",
     python_requires=">=3.10",
-    packages=["sgdpo_fast", "sgdpo_fast.ops", "sgdpo_fast.ops.backends", "sgdpo_fast.kernels"],
+    packages=find_packages(include=["sgdpo_fast", "sgdpo_fast.*"]) + ["sgdpo_fast.kernels"],
     package_dir={"sgdpo_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

@@ -1,6 +1,7 @@
 """sgdpo_fast: fused, memory-lean preference optimization (DPO family, SGDPO, SGPO)."""
 from __future__ import annotations
 
+import importlib as _importlib
 import os as _os
 
 # The Triton kernels live in the top-level folder kernels/ and are installed as
@@ -14,4 +15,20 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 from .ops import fused_token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["fused_token_logprobs", "__version__"]
+
+# Public names imported on first use, so `import sgdpo_fast` stays light
+# (no transformers / trl import unless asked for).
+_LAZY = {
+    "preference_loss": "sgdpo_fast.losses",
+    "PreferenceLossOutput": "sgdpo_fast.losses",
+    "FusedLinearPreferenceLoss": "sgdpo_fast.losses",
+    "apply_fused_lm_head": "sgdpo_fast.integrations.hf",
+}
+
+__all__ = ["fused_token_logprobs", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sgdpo_fast' has no attribute {name!r}")
