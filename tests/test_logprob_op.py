@@ -1,0 +1,210 @@
+"""The log-prob op against the fp64 oracle, on every CPU-runnable backend.
+
+Triton is exercised through the public op in tests/test_triton_kernels.py
+(interpreter, tiny shapes); here the fast CPU backends get the wide grid.
+"""
+import pytest
+import torch
+
+import sgdpo_fast as sf
+from sgdpo_fast.ops import backends
+from sgdpo_fast.ops.backends import cpu_backend, tiled
+from oracle import eager_logprobs, logprob_oracle
+
+CPU_BACKENDS = ["torch", "cpu"]
+TRANSFORMS = [
+    {},
+    {"temperature": 0.7},
+    {"softcap": 2.5},
+    {"logit_scale": 1.7, "softcap": 4.0, "temperature": 1.3},
+]
+
+
+def _inputs(N, D, V, dtype=torch.float32, bias=False, ignore_frac=0.2, seed=None, scale=1.0):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    h = (torch.randn(N, D, generator=g) * scale).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D ** 0.5 * 3).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g)).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.rand(N, generator=g) < ignore_frac] = -100
+    up = torch.randn(N, generator=g)
+    return h, w, b, t, up
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check_fp32(backend, N, D, V, bias, kw, tile_elems=None, monkeypatch=None):
+    h, w, b, t, up = _inputs(N, D, V, bias=bias)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, **kw)
+    ref = logprob_oracle(h, w, t, bias=b, **kw)
+    assert lp.dtype == torch.float32 and lp.shape == t.shape
+    valid = t != -100
+    assert torch.all(lp[~valid] == 0)
+    rel = ((lp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid]
+    assert rel.max().item() < 1e-5, rel.max().item()
+    inputs = [x for x in (h, w, b) if x is not None]
+    got = torch.autograd.grad(lp, inputs, up)
+    want = torch.autograd.grad(ref, inputs, up.double())
+    for name, a, c in zip("hwb", got, want):
+        assert a.dtype == torch.float32
+        assert _rel(a, c) < 1e-4, (name, _rel(a, c))
+    # ignored rows get exactly zero gradient
+    assert torch.all(got[0][~valid] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kw", TRANSFORMS, ids=lambda k: ",".join(k) or "plain")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fp32_matches_oracle(backend, kw, bias):
+    _check_fp32(backend, 37, 45, 301, bias, kw)
+
+
+@pytest.mark.parametrize("N,D,V", [(1, 7, 3), (129, 33, 1000), (300, 64, 4099)])
+def test_cpu_multi_tile_odd_sizes(monkeypatch, N, D, V):
+    """Force tiny tiles so many ragged vocab and token tiles are exercised."""
+    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 50)
+    monkeypatch.setattr(tiled, "MIN_BLOCK_V", 7)
+    monkeypatch.setattr(tiled, "TILE_ELEMS", 50 * 97)
+    assert tiled.tile_shape(N, V, tiled.TILE_ELEMS)[1] <= max(V, 97)
+    _check_fp32("cpu", N, D, V, True, {"softcap": 3.0, "temperature": 0.9})
+
+
+def test_torch_backend_multi_chunk(monkeypatch):
+    from sgdpo_fast.ops.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK_ELEMS", 997 * 5)
+    _check_fp32("torch", 53, 20, 997, True, {"logit_scale": 0.5})
+
+
+@pytest.mark.parametrize("epilogue", ["torch", "auto"])
+def test_cpu_epilogues(monkeypatch, epilogue):
+    monkeypatch.setattr(cpu_backend, "EPILOGUE", epilogue)
+    _check_fp32("cpu", 41, 19, 513, True, {"softcap": 5.0})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_ignored_batch(backend):
+    h, w, b, t, up = _inputs(9, 11, 50, bias=True)
+    t[:] = -100
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend)
+    assert torch.all(lp == 0) and lp.requires_grad
+    gh, gw, gb = torch.autograd.grad(lp.sum() * 3.0, (h, w, b))
+    for x in (gh, gw, gb):
+        assert torch.isfinite(x).all() and torch.all(x == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batched_shape_and_custom_ignore_index(backend):
+    h, w, _, t, up = _inputs(2 * 13, 16, 77)
+    h3 = h.detach().reshape(2, 13, 16).requires_grad_()
+    t2 = t.reshape(2, 13).clone()
+    t2[t2 == -100] = 5  # a custom ignore_index that is also a valid id elsewhere
+    t2[0, :3] = 5
+    lp = sf.fused_token_logprobs(h3, w, t2, ignore_index=5, backend=backend)
+    ref = logprob_oracle(h3, w, t2, ignore_index=5)
+    assert lp.shape == (2, 13)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(lp[t2 == 5] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_eager(backend, dtype):
+    """Error vs the fp64 oracle no worse than eager low-precision PyTorch's, plus a margin."""
+    h, w, b, t, up = _inputs(64, 96, 517, dtype=dtype, bias=True, scale=1.0)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend)
+    ref = logprob_oracle(h, w, t, bias=b)
+    eag = eager_logprobs(h, w, t, bias=b)
+    err_ours = (lp.double() - ref).abs().max().item()
+    err_eager = (eag.double() - ref).abs().max().item()
+    assert err_ours <= 1.25 * err_eager + 1e-3, (err_ours, err_eager)
+    got = torch.autograd.grad(lp, (h, w, b), up)
+    want = torch.autograd.grad(ref, (h, w, b), up.double())
+    eag_g = torch.autograd.grad(eag, (h, w, b), up)
+    for a, c, e in zip(got, want, eag_g):
+        assert a.dtype == dtype
+        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3, (_rel(a, c), _rel(e, c))
+
+
+def test_only_some_inputs_require_grad():
+    h, w, b, t, up = _inputs(20, 8, 40, bias=True)
+    w2 = w.detach()
+    lp = sf.fused_token_logprobs(h, w2, t, bias=b.detach(), backend="cpu")
+    (gh,) = torch.autograd.grad(lp, (h,), up)
+    ref = logprob_oracle(h, w2, t, bias=b.detach())
+    (wh,) = torch.autograd.grad(ref, (h,), up.double())
+    assert _rel(gh, wh) < 1e-4
+
+
+def test_auto_backend_resolves_on_cpu():
+    name = backends.resolve("auto", torch.device("cpu"))
+    assert name in ("cpu", "torch")
+
+
+def test_empty_input():
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    lp = sf.fused_token_logprobs(h, w, torch.zeros(0, dtype=torch.long))
+    assert lp.shape == (0,) and lp.dtype == torch.float32
+    lp.sum().backward()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("int_hidden", "hidden must be a floating"),
+    ("int_weight", "weight must be a floating"),
+    ("float_targets", "targets must be an integer"),
+    ("target_oob", "outside \\[0, 10\\)"),
+    ("target_neg", "outside \\[0, 10\\)"),
+    ("shape_d", "weight has D=5 but hidden has D=8"),
+    ("shape_t", "targets shape"),
+    ("dtype_mix", "weight dtype"),
+    ("bias_shape", "bias must have shape"),
+    ("bias_dtype", "bias dtype"),
+    ("weight_1d", "weight must be 2-D"),
+    ("temperature", "temperature must be"),
+    ("softcap", "softcap must be"),
+    ("logit_scale", "logit_scale must be"),
+    ("backend", "backend must be one of"),
+])
+def test_bad_inputs_raise_named_errors(case, match):
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 9])
+    kw = {}
+    if case == "int_hidden":
+        h = h.long()
+    elif case == "int_weight":
+        w = w.long()
+    elif case == "float_targets":
+        t = t.float()
+    elif case == "target_oob":
+        t = torch.tensor([1, 10, 0, 0])
+    elif case == "target_neg":
+        t = torch.tensor([1, -1, 0, 0])
+    elif case == "shape_d":
+        w = torch.randn(10, 5)
+    elif case == "shape_t":
+        t = torch.tensor([1, 2, 3])
+    elif case == "dtype_mix":
+        w = w.half()
+    elif case == "bias_shape":
+        kw["bias"] = torch.randn(9)
+    elif case == "bias_dtype":
+        kw["bias"] = torch.randn(10, dtype=torch.bfloat16)
+    elif case == "weight_1d":
+        w = torch.randn(8)
+    elif case == "temperature":
+        kw["temperature"] = 0.0
+    elif case == "softcap":
+        kw["softcap"] = -1.0
+    elif case == "logit_scale":
+        kw["logit_scale"] = float("nan")
+    elif case == "backend":
+        kw["backend"] = "nope"
+    with pytest.raises(ValueError, match=match):
+        sf.fused_token_logprobs(h, w, t, **kw)
+
+
+def test_explicit_device_backend_mismatch():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
+        sf.fused_token_logprobs(h, w, t, backend="cuda")
