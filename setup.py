@@ -27,6 +27,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark"],
+        "trl": ["trl>=1.16,<2"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

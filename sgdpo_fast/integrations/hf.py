@@ -1,0 +1,185 @@
+"""Hugging Face causal LMs: a fused LM head that returns per-token log-probs.
+
+Protocol (the one TRL >= 1.0 uses for its own trainers, see
+``trl.trainer.utils.add_fused_lm_head``; transformers itself has none)::
+
+    sf.apply_fused_lm_head(model)
+    out = model(input_ids, attention_mask=..., labels=labels, fused_lm_head=True)
+    out.log_probs   # [B, T-1] float32: log p(labels[:, t+1] | tokens <= t), 0 where -100
+    out.loss        # mean NLL over the non-ignored labels (or / num_items_in_batch)
+
+Labels are shifted as Hugging Face does (position t scores ``labels[:, t+1]``);
+pre-shifted ``shift_labels=`` are scored as given ([B, T] out).  ``-100`` is
+ignored.  Only the backbone runs through the model; its last hidden states and
+``lm_head.weight`` (and bias) go through :func:`sgdpo_fast.fused_token_logprobs`,
+so the ``[B, T, V]`` logits are never built.  The logit transform of the model
+is read from its (text) config: ``final_logit_softcapping`` (Gemma 2/3),
+``logit_scale`` (Cohere), ``logits_scaling`` (Granite: logits are divided by
+it), ``lm_head_multiplier`` (Falcon-H1).  Without ``fused_lm_head=True`` the
+original forward runs (generation is unchanged).
+
+``outputs`` may ask for metric-only fields (entropy, log_sum_sq_probs,
+mean_logits, is_top1) computed without gradient in an extra tiled pass; they
+carry no gradient.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..distributed import gathered_lm_head, head_module_logprobs
+from ..ops.transform import LogitTransform
+from ._head_stats import STATS, head_stats
+
+try:  # transformers is optional for the rest of the package
+    from transformers.utils import ModelOutput
+except Exception:  # pragma: no cover
+    from collections import OrderedDict as ModelOutput  # type: ignore
+
+__all__ = ["apply_fused_lm_head", "remove_fused_lm_head", "FusedLMHeadOutput",
+           "head_transform_from_config", "OUTPUTS"]
+
+OUTPUTS = ("log_probs",) + STATS
+_ORIG = "_sgdpo_fast_original_forward"
+
+
+@dataclass
+class FusedLMHeadOutput(ModelOutput):
+    """Output of ``model(..., labels=..., fused_lm_head=True)``; field names match TRL's
+    ``FusedCausalLMOutput`` so TRL's trainers read it unchanged.  Per-token fields are
+    [B, T-1] (or [B, T] with ``shift_labels``), 0 / False where the label is -100,
+    ``None`` when not requested."""
+
+    loss: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    label_mask: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+def head_transform_from_config(config) -> Tuple[Optional[float], float]:
+    """``(softcap, logit_scale)`` the model applies to ``lm_head(h)``, from its config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)                     # Cohere: logits * scale
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)          # Falcon-H1: logits * m
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        ls = float(cfg.logits_scaling)                            # Granite: logits / s
+        scale = ls if getattr(cfg, "model_type", "") == "hyperclovax" else 1.0 / ls
+    return (None if softcap is None else float(softcap)), (1.0 if scale is None else float(scale))
+
+
+def remove_fused_lm_head(model) -> None:
+    """Undo :func:`apply_fused_lm_head` (restores the forward it wrapped)."""
+    orig = model.__dict__.pop(_ORIG, None)
+    if orig is None:
+        return
+    if orig is _CLASS_FORWARD:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = orig
+
+
+_CLASS_FORWARD = object()  # marker: the model had no instance-level forward
+
+
+def apply_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                        outputs: Sequence[str] = ("log_probs",), *, backend: str = "auto"):
+    """Give ``model`` (a transformers ``*ForCausalLM``) the ``fused_lm_head=True`` forward.
+
+    Signature compatible with TRL's ``add_fused_lm_head`` (``temperature``,
+    ``cast_lm_head_to_fp32``, ``outputs``) so it can replace it.  ``backend``
+    picks the log-prob backend (see :func:`sgdpo_fast.fused_token_logprobs`).
+    Re-applying replaces the previous fused head.  Apply before wrapping the
+    model with PEFT / FSDP; the backbone and head are looked up on every call.
+    Returns ``model``.
+    """
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise ValueError("model must be a causal LM with an output embedding (lm_head)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    bad = [o for o in outputs if o not in OUTPUTS]
+    if bad:
+        raise ValueError(f"outputs: unknown fields {bad}; known {OUTPUTS}")
+    remove_fused_lm_head(model)
+    original = model.__dict__.get("forward")
+    model.__dict__[_ORIG] = _CLASS_FORWARD if original is None else original
+    original_forward = model.forward
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap, logit_scale = head_transform_from_config(model.config)
+    stats = tuple(o for o in outputs if o in STATS)
+
+    @functools.wraps(type(model).forward)  # `generate` validates kwargs against the signature
+    def _forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                 num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                         ("num_items_in_batch", num_items_in_batch)):
+                if v is not None:
+                    kwargs[k] = v
+            return original_forward(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels= (or shift_labels=)")
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        base = self.base_model
+        if base is self:
+            raise ValueError("model.base_model is the model itself: not a *ForCausalLM with a head")
+        bb = base(*args, **kwargs)
+        hidden = bb.last_hidden_state if hasattr(bb, "last_hidden_state") else bb[0]
+        if shift_labels is None:
+            hidden, tgt = hidden[:, :-1], labels[:, 1:]
+        else:
+            tgt = shift_labels
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        dev = weight.device
+        hidden, tgt = hidden.to(dev), tgt.to(dev)
+        mask = tgt != -100
+        if cast_lm_head_to_fp32:
+            cdt = torch.float32
+        elif torch.is_autocast_enabled(dev.type):
+            cdt = torch.get_autocast_dtype(dev.type)
+        else:
+            cdt = weight.dtype
+        h = hidden[mask].to(cdt)
+        t = tgt[mask]
+        with torch.autocast(dev.type, enabled=False):  # h's dtype is the compute dtype
+            lp = head_module_logprobs(head, h, t, temperature=temperature, softcap=softcap,
+                                      logit_scale=logit_scale, backend=backend)
+        # masked_scatter keeps an all-ignored batch connected to the graph.
+        log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+        extra = {}
+        if stats:
+            tf = LogitTransform(logit_scale, softcap, float(temperature))
+            with torch.no_grad(), gathered_lm_head(head) as (fw, fb):
+                fw = fw.to(cdt)
+                fb = None if fb is None else fb.to(cdt)
+                vals = head_stats(h.detach(), fw.detach(), None if fb is None else fb.detach(),
+                                  t, tf, stats)
+            for name, v in vals.items():
+                extra[name] = (torch.zeros(mask.shape, dtype=v.dtype, device=dev)
+                               .masked_scatter(mask, v))
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / denom
+        aux = None
+        if kwargs.get("output_router_logits") and getattr(bb, "router_logits", None) is not None:
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+            n_exp = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts")
+            aux = load_balancing_loss_func(bb.router_logits, n_exp, text_config.num_experts_per_tok,
+                                           kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux
+        return FusedLMHeadOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux,
+                                 **extra)
+
+    model.forward = types.MethodType(_forward, model)
+    return model

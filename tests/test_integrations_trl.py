@@ -1,0 +1,230 @@
+"""TRL integration on a tiny random Llama with a tokenizer built offline (WordLevel
+vocabulary wrapped in PreTrainedTokenizerFast, with a chat template; no download).
+
+* SGDPOTrainer with TRL's loss types == TRL's DPOTrainer (loss rel 1e-5, grads rel 1e-4),
+  with sgdpo_fast's op verifiably doing the LM head;
+* loss_type="sgdpo" trains a few steps: finite loss, reward and pilot metrics logged;
+* patch_trl() leaves TRL's results unchanged (same tolerances) and unpatch_trl() restores.
+"""
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+import sgdpo_fast.integrations.hf as hf_mod  # noqa: E402
+from sgdpo_fast.integrations import trl as sgtrl  # noqa: E402
+from sgdpo_fast.integrations.trl import SGDPOConfig, SGDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
+
+WORDS = ("the a cat dog sat on mat ran fast slow red blue big small is was and or not yes no "
+         "good bad hello world what why how user assistant").split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                 unk_token="<unk>")
+    tk.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant {% endif %}")
+    return tk
+
+
+def _sentence(rng, lo, hi):
+    return " ".join(rng.choice(WORDS[:-2]) for _ in range(rng.randint(lo, hi)))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    rng = random.Random(torch.seed())
+    rows = []
+    for i in range(8):
+        prompt = _sentence(rng, 2, 5)
+        if i % 2:  # conversational rows go through the chat template
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": _sentence(rng, 1, 6)}],
+                         "rejected": [{"role": "assistant", "content": _sentence(rng, 1, 6)}]})
+        else:
+            rows.append({"prompt": prompt, "chosen": " " + _sentence(rng, 1, 6),
+                         "rejected": " " + _sentence(rng, 1, 6)})
+    conv = Dataset.from_list([r for r in rows if isinstance(r["prompt"], list)])
+    plain = Dataset.from_list([r for r in rows if not isinstance(r["prompt"], list)])
+    return {"conv": conv, "plain": plain}
+
+
+@pytest.fixture(scope="module")
+def models_():
+    torch.manual_seed(torch.seed() % 2**31)
+    cfg = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    ref = LlamaForCausalLM(cfg)
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():  # policy != reference, so the loss is not the trivial log 2
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return policy, ref
+
+
+def _trainer(cls, cfg_cls, models_, tokenizer, data, tmp_path, **kw):
+    policy, ref = models_
+    args = cfg_cls(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4,
+                   use_cpu=True, save_strategy="no", logging_steps=1, disable_dropout=True, **kw)
+    return cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
+               train_dataset=data, processing_class=tokenizer)
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class _Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        return self.fn(*a, **k)
+
+
+@pytest.mark.parametrize("loss_type,extra", [
+    ("sigmoid", {}),
+    ("ipo", {}),
+    ("robust", {"label_smoothing": 0.1}),
+])
+def test_trl_loss_types_match_dpo_trainer(models_, tokenizer, dataset, tmp_path, monkeypatch,
+                                          loss_type, extra):
+    for split in ("plain", "conv"):
+        theirs = _trainer(DPOTrainer, DPOConfig, models_, tokenizer, dataset[split], tmp_path,
+                          loss_type=loss_type, **extra)
+        counter = _Counter(hf_mod.head_module_logprobs)
+        monkeypatch.setattr(hf_mod, "head_module_logprobs", counter)
+        ours = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset[split], tmp_path,
+                        loss_type=loss_type, **extra)
+        batch = next(iter(theirs.get_train_dataloader()))
+        l1, g1, m1 = _loss_and_grads(theirs, batch)
+        assert counter.calls == 0  # TRL's trainer does not touch our op
+        l2, g2, m2 = _loss_and_grads(ours, batch)
+        assert counter.calls == 2  # policy and reference heads both ran our op
+        assert not math.isclose(l1.item(), math.log(2), rel_tol=1e-4)
+        assert torch.allclose(l2, l1, rtol=1e-5, atol=1e-7), (l1, l2)
+        assert _rel(g2, g1) < 1e-4
+        for key in ("rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy",
+                    "logits/chosen"):
+            assert math.isclose(m1[key], m2[key], rel_tol=1e-4, abs_tol=1e-5), key
+        monkeypatch.undo()
+
+
+def test_sgdpo_trains_and_logs(models_, tokenizer, dataset, tmp_path):
+    pytest.importorskip("sgdpo_fast.losses")
+    trainer = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                       loss_type="sgdpo", max_steps=3, learning_rate=1e-2, pilot_seed=7)
+    before = copy.deepcopy(trainer.model.lm_head.weight.detach())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert math.isfinite(h["loss"])
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "entropy", "mean_token_accuracy"):
+            assert math.isfinite(h[key]), key
+    trl_keys = {"loss", "grad_norm", "learning_rate", "epoch", "step", "num_tokens", "entropy",
+                "mean_token_accuracy"}
+    pilot_keys = [k for k in logs[0] if "pilot" in k and k not in trl_keys]
+    assert pilot_keys, f"no pilot metrics logged: {sorted(logs[0])}"
+    assert not torch.equal(trainer.model.lm_head.weight.detach(), before)
+
+
+def test_sgdpo_with_unit_ratios_equal_length_is_half_dpo_gradient(models_, tokenizer, tmp_path):
+    """DESIGN: r1 = r2 = 1 on equal-length pairs gives DPO's loss and half its gradient."""
+    pytest.importorskip("sgdpo_fast.losses")
+    rng = random.Random(torch.seed())
+    rows = []
+    for _ in range(4):
+        n = rng.randint(2, 5)
+        rows.append({"prompt": _sentence(rng, 2, 4), "chosen": " " + _sentence(rng, n, n),
+                     "rejected": " " + _sentence(rng, n, n)})
+    data = Dataset.from_list(rows)
+    dpo = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, data, tmp_path, loss_type="sigmoid")
+    sg = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, data, tmp_path, loss_type="sgdpo",
+                  pilot_ratio_chosen=1.0, pilot_ratio_rejected=1.0)
+    batch = next(iter(dpo.get_train_dataloader()))
+    c, r = batch["completion_mask"].chunk(2)
+    assert torch.equal(c.sum(1), r.sum(1))  # equal completion lengths (EOS included)
+    l1, g1, _ = _loss_and_grads(dpo, batch)
+    l2, g2, _ = _loss_and_grads(sg, batch)
+    assert torch.allclose(l2, l1, rtol=1e-5)
+    assert _rel(g2, 0.5 * g1) < 1e-4
+
+
+def test_patch_trl_leaves_results_unchanged(models_, tokenizer, dataset, tmp_path, monkeypatch):
+    import trl.trainer.utils as tu
+    original = tu._ChunkedLogProbFunction
+    vanilla = _trainer(DPOTrainer, DPOConfig, models_, tokenizer, dataset["plain"], tmp_path)
+    batch = next(iter(vanilla.get_train_dataloader()))
+    l1, g1, m1 = _loss_and_grads(vanilla, batch)
+    counter = _Counter(sgtrl.lm_head_logprobs)
+    monkeypatch.setattr(sgtrl, "lm_head_logprobs", counter)
+    patch_trl()
+    try:
+        patch_trl()  # idempotent
+        assert sgtrl.is_trl_patched()
+        # a model TRL patched before patch_trl() uses our op too
+        l2, g2, m2 = _loss_and_grads(vanilla, batch)
+        assert counter.calls == 2
+        fresh = _trainer(DPOTrainer, DPOConfig, models_, tokenizer, dataset["plain"], tmp_path)
+        l3, g3, m3 = _loss_and_grads(fresh, batch)
+        assert counter.calls == 4
+    finally:
+        unpatch_trl()
+    assert tu._ChunkedLogProbFunction is original and not sgtrl.is_trl_patched()
+    for l_, g_, m_ in ((l2, g2, m2), (l3, g3, m3)):
+        assert torch.allclose(l_, l1, rtol=1e-5, atol=1e-7)
+        assert _rel(g_, g1) < 1e-4
+        for key in ("rewards/margins", "entropy", "mean_token_accuracy", "logits/rejected"):
+            assert math.isclose(m1[key], m_[key], rel_tol=1e-4, abs_tol=1e-5), key
+
+
+def test_patched_head_refuses_entropy_gradient():
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.randint(0, 11, (5,))
+    lp, ent, _, _, _ = sgtrl._ChunkedLogProbShim.apply(h, w, None, t, 1.0, 4096, None, 1.0,
+                                                      ("entropy",))
+    (lp.sum() + 0.0 * ent.sum()).backward()  # a zero entropy coefficient is fine
+    with pytest.raises(RuntimeError, match="unpatch_trl"):
+        (lp.sum() + ent.sum()).backward()
+
+
+def test_sgdpo_config_validation(tmp_path):
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="combined"):
+        SGDPOConfig(**base, loss_type=["sgdpo", "sigmoid"])
+    with pytest.raises(ValueError, match="pilot_ratio_chosen"):
+        SGDPOConfig(**base, loss_type="sgdpo", pilot_ratio_chosen=0.0)
+    with pytest.raises(ValueError, match="pilot_mode"):
+        SGDPOConfig(**base, loss_type="sgdpo", pilot_mode="both")
+    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
+        SGDPOConfig(**base, loss_type="sgdpo", precompute_ref_log_probs=True)
+    cfg = SGDPOConfig(**base, loss_type="sgdpo")
+    assert (cfg.pilot_ratio_chosen, cfg.pilot_ratio_rejected, cfg.beta) == (0.6, 0.9, 0.1)
