@@ -31,5 +31,8 @@ bench: $(STAMP)
 gpu-check:
 	GPU_OUT=$(GPU_OUT) bash bench/gpu_check.sh
 
+nvcc-check:
+	bash scripts/nvcc_check.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info sgdpo_fast/*.so

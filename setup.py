@@ -1,17 +1,51 @@
 """sgdpo_fast: package, the Triton kernels (kernels/ -> sgdpo_fast.kernels) and the
 native extension sgdpo_fast._C (csrc/, see _extensions()).
 
-Install for development with ``pip install --no-build-isolation -e .`` after
-torch is installed (the extension builds against the installed torch).
+Install for development with ``pip install --no-build-isolation -e .`` after torch
+and pybind11 are installed; ``python setup.py build_ext --inplace`` builds the
+extensions into the source tree (what ``make gpu-check`` does).
 """
+import os
+
 from setuptools import find_packages, setup
 
 NAME = "sgdpo_fast"
 
 
+def _cuda_build_possible():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception:
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and \
+        os.environ.get("SGDPO_FAST_NO_CUDA", "0") != "1"
+
+
 def _extensions():
-    """The csrc/ extension(s); filled in by the csrc work.  Empty list = pure Python."""
-    return [], {}
+    """sgdpo_fast._C (C++ CPU epilogues, always) and sgdpo_fast._C_cuda (CUDA epilogues, where
+    nvcc and a CUDA-enabled torch exist).  Both are plain pybind11 modules over raw pointers
+    (see csrc/bindings.cpp for why); SGDPO_FAST_NO_EXT=1 builds none."""
+    if os.environ.get("SGDPO_FAST_NO_EXT", "0") == "1":
+        return [], {}
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+
+    # built where it runs (editable install or in place), so -march=native is safe
+    cxx = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+    exts = [Pybind11Extension("sgdpo_fast._C", ["csrc/bindings.cpp", "csrc/cpu/epilogue.cpp"],
+                              include_dirs=["csrc"], extra_compile_args=cxx,
+                              extra_link_args=["-fopenmp"])]
+    cmdclass = {"build_ext": build_ext}
+    if _cuda_build_possible():
+        import pybind11
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+        exts.append(CUDAExtension(
+            "sgdpo_fast._C_cuda", ["csrc/cuda/bindings.cpp", "csrc/cuda/epilogue.cu"],
+            include_dirs=[os.path.abspath("csrc"), pybind11.get_include()],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]}))
+        cmdclass = {"build_ext": BuildExtension}
+    return exts, cmdclass
 
 
 ext_modules, cmdclass = _extensions()

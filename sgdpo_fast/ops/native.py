@@ -1,21 +1,130 @@
-"""Loader for the compiled extension ``sgdpo_fast._C`` (csrc/).
+"""Loader and adapters for the compiled epilogues in csrc/.
 
-STUB until csrc lands: reports the extension as missing.
-Interface used by the backends:
-    cpu_epilogue()  -> object with fold_tile_/grad_tile_ (see epilogue_torch) or None
-    cuda_epilogue() -> same for CUDA tiles, or None
-    why_missing()   -> str
+``sgdpo_fast._C`` (C++ CPU epilogues) is built by ``pip install -e .`` /
+``python setup.py build_ext --inplace``.  ``sgdpo_fast._C_cuda`` (CUDA
+epilogues) is built there too when nvcc and a CUDA-enabled torch exist; if it is
+missing on a CUDA machine it is JIT-compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja + nvcc, no network).
+
+Both modules take raw data pointers (see csrc/bindings.cpp), so the adapters
+below check every tensor first.  Without any extension the package runs on the
+``torch`` backend and says so once.
+
+Adapters expose ``fold_tile_(x, v0, targets, m, s, tgt, tf)`` and
+``grad_tile_(x, v0, targets, lse, g, tf)`` with the semantics of
+``backends/epilogue_torch.py``.
 """
 from __future__ import annotations
 
+import os
+import warnings
+
+import torch
+
+_STATE: dict = {}
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                     "csrc")
+_TILE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _check_tile(x, targets, stats, device_type, tile_dtypes):
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be a 2-D tile with unit column stride, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    if x.dtype not in tile_dtypes:
+        raise ValueError(f"x dtype must be one of {tile_dtypes}, got {x.dtype}")
+    n = x.shape[0]
+    if targets.dtype != torch.int64 or targets.shape != (n,) or not targets.is_contiguous():
+        raise ValueError(f"targets must be a contiguous int64 tensor of shape ({n},)")
+    for name, t in stats.items():
+        if t.dtype != torch.float32 or t.shape != (n,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape ({n},)")
+    for name, t in dict(stats, x=x, targets=targets).items():
+        if t.device.type != device_type:
+            raise ValueError(f"{name} must be on {device_type}, got {t.device}")
+
+
+def _tf_args(tf):
+    return float(tf.logit_scale), float(tf.softcap or 0.0), 1.0 / float(tf.temperature)
+
+
+class _CpuEpilogue:
+    def __init__(self, mod):
+        self._m = mod
+
+    def fold_tile_(self, x, v0, targets, m, s, tgt, tf):
+        _check_tile(x, targets, dict(m=m, s=s, tgt=tgt), "cpu", (torch.float32,))
+        self._m.fold_tile(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(v0),
+                          targets.data_ptr(), m.data_ptr(), s.data_ptr(), tgt.data_ptr(),
+                          *_tf_args(tf))
+
+    def grad_tile_(self, x, v0, targets, lse, g, tf):
+        _check_tile(x, targets, dict(lse=lse, g=g), "cpu", (torch.float32,))
+        self._m.grad_tile(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(v0),
+                          targets.data_ptr(), lse.data_ptr(), g.data_ptr(), *_tf_args(tf))
+
+
+class _CudaEpilogue:
+    def __init__(self, mod):
+        self._m = mod
+
+    def fold_tile_(self, x, v0, targets, m, s, tgt, tf):
+        _check_tile(x, targets, dict(m=m, s=s, tgt=tgt), "cuda", tuple(_TILE_DTYPES))
+        self._m.fold_tile(_TILE_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.shape[1],
+                          x.stride(0), int(v0), targets.data_ptr(), m.data_ptr(), s.data_ptr(),
+                          tgt.data_ptr(), *_tf_args(tf),
+                          torch.cuda.current_stream(x.device).cuda_stream)
+
+    def grad_tile_(self, x, v0, targets, lse, g, tf):
+        _check_tile(x, targets, dict(lse=lse, g=g), "cuda", tuple(_TILE_DTYPES))
+        self._m.grad_tile(_TILE_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.shape[1],
+                          x.stride(0), int(v0), targets.data_ptr(), lse.data_ptr(), g.data_ptr(),
+                          *_tf_args(tf), torch.cuda.current_stream(x.device).cuda_stream)
+
 
 def cpu_epilogue():
-    return None
+    """The C++ CPU epilogue, or None (with a one-time warning) if ``_C`` is not built."""
+    if "cpu" not in _STATE:
+        try:
+            from .. import _C  # type: ignore[attr-defined]
+            _STATE["cpu"] = _CpuEpilogue(_C)
+        except ImportError as e:
+            _STATE["cpu"] = None
+            _STATE["cpu_why"] = f"sgdpo_fast._C is not built ({e}); run `pip install -e .`"
+            warnings.warn("sgdpo_fast: C++ extension not available, CPU runs use the torch "
+                          "backend: " + _STATE["cpu_why"], RuntimeWarning, stacklevel=3)
+    return _STATE["cpu"]
+
+
+def _jit_cuda():
+    import pybind11
+    from torch.utils.cpp_extension import load
+    return load(name="_C_cuda",
+                sources=[os.path.join(_CSRC, "cuda", "bindings.cpp"),
+                         os.path.join(_CSRC, "cuda", "epilogue.cu")],
+                extra_include_paths=[_CSRC, pybind11.get_include()],
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
 
 
 def cuda_epilogue():
-    return None
+    """The CUDA epilogue (built, else JIT-compiled once), or None where CUDA is unavailable."""
+    if "cuda" not in _STATE:
+        _STATE["cuda"] = None
+        if not torch.cuda.is_available():
+            _STATE["cuda_why"] = "no CUDA device"
+        else:
+            try:
+                from .. import _C_cuda  # type: ignore[attr-defined]
+                _STATE["cuda"] = _CudaEpilogue(_C_cuda)
+            except ImportError:
+                try:
+                    _STATE["cuda"] = _CudaEpilogue(_jit_cuda())
+                except Exception as e:  # compiler missing or failing: report, fall back
+                    _STATE["cuda_why"] = f"CUDA extension neither built nor JIT-compiled: {e}"
+                    warnings.warn("sgdpo_fast: " + _STATE["cuda_why"], RuntimeWarning,
+                                  stacklevel=3)
+    return _STATE["cuda"]
 
 
 def why_missing() -> str:
-    return "csrc is not built yet"
+    return "; ".join(v for k, v in _STATE.items() if k.endswith("_why")) or "unknown"
