@@ -71,6 +71,7 @@ def _vp_worker(rank, port, seed, out):
         res.append(dict(start=start, logp=lp.detach(), dH=h.grad, dW=ws.grad,
                         db=None if bs is None else bs.grad))
     torch.save(res, os.path.join(out, f"vp{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
@@ -110,6 +111,7 @@ def _ddp_worker(rank, port, seed, out):
     loss = _mean_nll(ddp, ids[sl], labels[sl], n_total) * WORLD
     loss.backward()
     torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out, f"ddp{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
@@ -147,6 +149,7 @@ def _fsdp_worker(rank, port, seed, out):
     torch.save(dict(grads=grads, params=params, loss=loss.detach(), full_w=full_w,
                     still_whole=still_whole, resharded=resharded, refused=refused),
                os.path.join(out, f"fsdp{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
