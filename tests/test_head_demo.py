@@ -1,0 +1,20 @@
+"""The demo behind `make demo`, at a small token count: real SmolLM2 head, both methods run."""
+import torch
+
+from sgdpo_fast import head_demo
+from sgdpo_fast.embedded import smollm2_head
+
+
+def test_embedded_head_loads():
+    w, norm = smollm2_head()
+    assert w.shape == (49152, 576) and norm.shape == (576,)
+    assert torch.isfinite(w).all() and w.abs().mean() > 0
+
+
+def test_head_demo_runs_and_matches_oracle():
+    resolved, results = head_demo.run(N=96, reps=1, seed=3)
+    assert resolved in ("cpu", "torch")
+    assert [r["method"] for r in results] == ["eager", "ours"]
+    for r in results:
+        assert r["err_logp"] < 1e-4 and r["err_dh"] < 1e-4
+        assert r["times"][0] > 0 and r["peak_mib"] >= 0
