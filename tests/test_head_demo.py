@@ -18,3 +18,14 @@ def test_head_demo_runs_and_matches_oracle():
     for r in results:
         assert r["err_logp"] < 1e-4 and r["err_dh"] < 1e-4
         assert r["times"][0] > 0 and r["peak_mib"] >= 0
+
+
+def test_cli_dispatches(capsys):
+    from sgdpo_fast import cli
+    assert cli.main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    try:
+        cli.main(["bench", "--help"])
+    except SystemExit as e:  # argparse's --help exits 0
+        assert e.code == 0
+    assert "python -m bench" in capsys.readouterr().out
