@@ -121,14 +121,16 @@ def _logprob_bwd_dw_kernel(
                             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
             if NEED_DB:
                 db += tl.sum(dx, axis=0)
-            dxt = tl.trans(dx.to(h_ptr.dtype.element_ty))
-            for d0 in tl.range(0, D if NEED_DW else 0, BLOCK_D):
-                d_ok = (d0 + dd) < D
-                h = tl.load(h_ptr + rows[:, None] * stride_hn + (d0 + dd)[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                part = tile_dot(dxt, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), DOT_PRECISION, UPCAST)
-                tl.atomic_add(acc_ptr + (cols - v_start)[:, None] * D + (d0 + dd)[None, :], part,
-                              mask=col_ok[:, None] & d_ok[None, :])
+            if NEED_DW:
+                dxt = tl.trans(dx.to(h_ptr.dtype.element_ty))
+                for d0 in tl.range(0, D, BLOCK_D):
+                    d_ok = (d0 + dd) < D
+                    h = tl.load(h_ptr + rows[:, None] * stride_hn + (d0 + dd)[None, :],
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    part = tile_dot(dxt, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32),
+                                    DOT_PRECISION, UPCAST)
+                    tl.atomic_add(acc_ptr + (cols - v_start)[:, None] * D + (d0 + dd)[None, :],
+                                  part, mask=col_ok[:, None] & d_ok[None, :])
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, db, mask=col_ok)
 
