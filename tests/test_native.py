@@ -101,3 +101,23 @@ def test_adapter_rejects_bad_tensors(bad, match):
         x = torch.randn(8, 4).t()
     with pytest.raises(ValueError, match=match):
         EP.fold_tile_(x, 0, t, m, s, tgt, LogitTransform())
+
+
+def test_without_extension_falls_back_to_torch_and_warns_once():
+    import subprocess
+    import sys
+    code = (
+        "import sys, warnings; sys.modules['sgdpo_fast._C'] = None\n"
+        "import torch, sgdpo_fast as sf\n"
+        "from sgdpo_fast.ops import backends\n"
+        "h = torch.randn(5, 8, requires_grad=True); w = torch.randn(11, 8)\n"
+        "t = torch.randint(0, 11, (5,))\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3):\n"
+        "        sf.fused_token_logprobs(h, w, t).sum().backward()\n"
+        "n = sum('C++ extension not available' in str(r.message) for r in rec)\n"
+        "print('WARNINGS', n, 'AUTO', backends.resolve('auto', h.device))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "WARNINGS 1 AUTO torch" in res.stdout, res.stdout
