@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .logit_tile import logit_tile
 from .logit_transform import transform_logits_with_grad
 from .tile_dot import interpreter_upcast, tile_dot
 
@@ -42,17 +43,8 @@ def _grad_tile(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, rows, cols, row_ok, c
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """Recompute one [BLOCK_N, BLOCK_V] logit tile and return dL/dx for it (fp32, 0 off-range)."""
-    dd = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in tl.range(0, D, BLOCK_D):
-        d_ok = (d0 + dd) < D
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + (d0 + dd)[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + (d0 + dd)[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tile_dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_hn, stride_wv,
+                     HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
     z, dzdx = transform_logits_with_grad(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile_dot import interpreter_upcast, tile_dot
+from .logit_tile import logit_tile
+from .tile_dot import interpreter_upcast
 from .logit_transform import transform_logits
 
 BLOCK_N = 64
@@ -43,20 +44,11 @@ def _logprob_fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
-    dd = tl.arange(0, BLOCK_D)
     for v0 in tl.range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D):
-            d_ok = (d0 + dd) < D
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + (d0 + dd)[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + (d0 + dd)[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tile_dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_hn,
+                         stride_wv, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         z = transform_logits(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))

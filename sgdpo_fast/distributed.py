@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from .ops import backends
 from .ops.backends import epilogue_torch, tiled
-from .ops.logprob import fused_token_logprobs
+from .ops.logprob import FusedTokenLogprobFunction, as_dtype, fused_token_logprobs
 from .ops.transform import LogitTransform
 from .ops import native
 
@@ -252,43 +252,6 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-class _GatheredHeadLogprobFunction(torch.autograd.Function):
-    """The log-prob op with the head gathered by ``gather()`` in forward *and* backward (ZeRO-3)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, tf, backend, gather):
-        with gather():
-            w, b = _as(weight, hidden.dtype), _as(bias, hidden.dtype)
-            logp, lse = backends.get(backend).forward(hidden, w, b, targets, ignore_index, tf)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.ignore_index, ctx.tf, ctx.backend, ctx.gather = ignore_index, tf, backend, gather
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_logp is None or not (need_h or need_w or need_b):
-            return (None,) * 8
-        g = torch.where(targets != ctx.ignore_index, grad_logp.float(),
-                        torch.zeros((), device=grad_logp.device)).contiguous()
-        with ctx.gather():
-            dH, dW, db = backends.get(ctx.backend).backward(
-                hidden, _as(weight, hidden.dtype), _as(bias, hidden.dtype),
-                targets, ctx.ignore_index, ctx.tf, lse, g, need_h, need_w,
-                need_b and bias is not None)
-        dW = None if dW is None else dW.to(weight.dtype)
-        db = None if db is None else db.to(bias.dtype)
-        return dH, dW, db, None, None, None, None, None
-
-
-def _as(t, dtype):
-    """Contiguous ``t`` in ``dtype`` (None stays None)."""
-    if t is None:
-        return None
-    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
-
-
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                      bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                      temperature: float = 1.0, softcap: Optional[float] = None,
@@ -325,7 +288,7 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     gather: Callable = lambda: _zero3_gather([weight, bias])  # noqa: E731
     with gather():  # validate against the whole weight, then run the gathering Function
         from .ops.validate import validate_logprob_inputs
-        validate_logprob_inputs(hidden, _as(weight, hidden.dtype), targets, _as(bias, hidden.dtype),
+        validate_logprob_inputs(hidden, as_dtype(weight, hidden.dtype), targets, as_dtype(bias, hidden.dtype),
                                 ignore_index, temperature, softcap, logit_scale)
         V = weight.shape[0]
     D = hidden.shape[-1]
@@ -333,7 +296,7 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     name = backends.resolve(backend, hidden.device, h2.shape[0], V, D)
     tf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    logp = _GatheredHeadLogprobFunction.apply(h2, weight, bias, t1, int(ignore_index), tf, name, gather)
+    logp = FusedTokenLogprobFunction.apply(h2, weight, bias, t1, int(ignore_index), tf, name, gather)
     return logp.reshape(targets.shape)
 
 

@@ -5,6 +5,7 @@ DDP, ZeRO-3 and FSDP2) over the backends in ``backends/``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -14,15 +15,31 @@ from .transform import LogitTransform
 from .validate import validate_logprob_inputs
 
 
+def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Contiguous ``t`` in ``dtype`` (None stays None)."""
+    if t is None:
+        return None
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
+
+
 class FusedTokenLogprobFunction(torch.autograd.Function):
-    """Forward: (hidden [N,D], weight [V,D], bias [V]|None, targets [N] int64) -> logp [N] fp32."""
+    """Forward: (hidden [N,D], weight [V,D], bias [V]|None, targets [N] int64) -> logp [N] fp32.
+
+    ``gather`` (optional): a zero-argument callable returning a context manager inside which
+    ``weight`` and ``bias`` hold their full values (DeepSpeed ZeRO-3's GatheredParameters);
+    it is entered in forward and again in backward, which recomputes the logit tiles.
+    Weight and bias are used in the hidden states' dtype; their gradients come back in
+    their own dtype.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, tf, backend):
-        be = backends.get(backend)
-        logp, lse = be.forward(hidden, weight, bias, targets, ignore_index, tf)
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, tf, backend, gather=None):
+        with gather() if gather is not None else contextlib.nullcontext():
+            logp, lse = backends.get(backend).forward(
+                hidden, as_dtype(weight, hidden.dtype), as_dtype(bias, hidden.dtype), targets,
+                ignore_index, tf)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.ignore_index, ctx.tf, ctx.backend = ignore_index, tf, backend
+        ctx.ignore_index, ctx.tf, ctx.backend, ctx.gather = ignore_index, tf, backend, gather
         ctx.mark_non_differentiable(lse)
         return logp
 
@@ -31,13 +48,17 @@ class FusedTokenLogprobFunction(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None or not (need_h or need_w or need_b):
-            return (None,) * 7
+            return (None,) * 8
         valid = targets != ctx.ignore_index
         g = torch.where(valid, grad_logp.float(), torch.zeros((), device=grad_logp.device))
-        dH, dW, db = backends.get(ctx.backend).backward(
-            hidden, weight, bias, targets, ctx.ignore_index, ctx.tf, lse, g.contiguous(),
-            need_h, need_w, need_b and bias is not None)
-        return dH, dW, db, None, None, None, None
+        with ctx.gather() if ctx.gather is not None else contextlib.nullcontext():
+            dH, dW, db = backends.get(ctx.backend).backward(
+                hidden, as_dtype(weight, hidden.dtype), as_dtype(bias, hidden.dtype), targets,
+                ctx.ignore_index, ctx.tf, lse, g.contiguous(), need_h, need_w,
+                need_b and bias is not None)
+        dW = None if dW is None else dW.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return dH, dW, db, None, None, None, None, None
 
 
 def fused_token_logprobs(
