@@ -4,9 +4,9 @@ import torch
 
 import sgdpo_fast as sf
 from sgdpo_fast.ops import native
-from sgdpo_fast.ops.backends import cpu_backend, epilogue_torch
+from sgdpo_fast.ops.backends import cpu_backend, cuda_backend, epilogue_torch, tiled
 from sgdpo_fast.ops.transform import LogitTransform
-from oracle import logprob_oracle
+from oracle import eager_logprobs, logprob_oracle
 
 # `make test` builds the extension, so its absence is a failure here, never a skip.
 EP = native.cpu_epilogue()
@@ -34,6 +34,29 @@ def test_fold_matches_torch_epilogue(tf):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
     outside = (targets < v0) | (targets >= v0 + vt)
     assert torch.all(state[2][outside] == 7.0)
+
+
+@pytest.mark.parametrize("tf", TFS, ids=["plain", "scaled", "softcap"])
+def test_fold_masked_vocabulary_tile(tf):
+    """A tile whose raw logits are all -inf (masked vocabulary entries) adds nothing: the
+    state after it and a finite tile equals the state after the finite tile alone, where
+    the torch epilogue would give NaN (exp(-inf - -inf)).  Under a softcap the masked
+    logits become -softcap/T, finite, and both epilogues fold them normally."""
+    n, vt = 6, 40
+    t = torch.tensor([3, 45, 50, -100, 79, 0])
+    masked, finite = torch.full((n, vt), float("-inf")), torch.randn(n, vt) * 2
+    got = [torch.full((n,), float("-inf")), torch.zeros(n), torch.zeros(n)]
+    want = [x.clone() for x in got]
+    EP.fold_tile_(masked, 0, t, *got, tf)
+    EP.fold_tile_(finite, vt, t, *got, tf)
+    if tf.softcap is not None:
+        epilogue_torch.fold_tile_(masked, 0, t, *want, tf)
+    else:
+        want[2][(t >= 0) & (t < vt)] = float("-inf")  # targets inside the masked tile
+    epilogue_torch.fold_tile_(finite, vt, t, *want, tf)
+    assert not any(torch.isnan(x).any() for x in got)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("tf", TFS, ids=["plain", "scaled", "softcap"])
@@ -84,9 +107,116 @@ def test_cpu_backend_native_vs_oracle(monkeypatch, kw):
         assert ((a.double() - c).norm() / c.norm()).item() < 1e-4
 
 
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _problem(N, D, V, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D ** 0.5 * 3).to(dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.rand(N, generator=g) < 0.2] = -100
+    t[:2] = torch.tensor([0, V - 1])[:N]  # first and last vocabulary entries (first and last tile)
+    up = torch.randn(N, generator=g)
+    return h, w, b, t, up
+
+
+def _run_driver(drv, ep, h, w, b, t, up, tf, tile_elems):
+    """The backend contract called directly: forward, then backward with grad = up * valid."""
+    with torch.no_grad():
+        logp, lse = drv.forward(h, w, b, t, -100, tf, ep, tile_elems=tile_elems)
+        grad = torch.where(t != -100, up, torch.zeros_like(up))
+        grads = drv.backward(h, w, b, t, -100, tf, lse, grad, True, True, b is not None, ep,
+                             tile_elems=tile_elems)
+    return logp, [gr for gr in grads if gr is not None]
+
+
+@pytest.mark.parametrize("kw", [{}, {"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.9}],
+                         ids=["plain", "transform"])
+def test_tiled_driver_many_tiles_native_vs_oracle(monkeypatch, kw):
+    """Odd sizes split into several token blocks and vocabulary tiles (incl. a ragged last
+    one), so the online fold across tiles and the fp32 accumulation across blocks run."""
+    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 16)
+    h, w, b, t, up = _problem(53, 29, 611, seed=1)
+    tf = LogitTransform(kw.get("logit_scale", 1.0), kw.get("softcap"), kw.get("temperature", 1.0))
+    bn, bv = tiled.tile_shape(53, 611, 16 * 300)
+    assert (bn, bv) == (16, 300)  # blocks of 16, 16, 16, 5 tokens; tiles of 300, 300, 11
+    logp, grads = _run_driver(tiled, EP, h, w, b, t, up, tf, 16 * 300)
+    ref = logprob_oracle(h, w, t, bias=b, **kw)
+    valid = t != -100
+    assert torch.all(logp[~valid] == 0)
+    assert ((logp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid].max() < 1e-5
+    want = torch.autograd.grad(ref, (h, w, b), up.double())
+    for a, c in zip(grads, want):
+        assert _rel(a, c) < 1e-4
+
+
+def test_cpu_backend_native_all_masked_and_tiny(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "EPILOGUE", "native")
+    h, w, b, t, _ = _problem(7, 5, 3)  # V below the minimum tile width
+    t[:] = -100
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="cpu")
+    assert torch.all(lp == 0)
+    gh, gw, gb = torch.autograd.grad(lp.sum(), (h, w, b))
+    for gr in (gh, gw, gb):
+        assert torch.isfinite(gr).all() and torch.all(gr == 0)
+    h1, w1, b1, t1, up1 = _problem(1, 5, 3, seed=4)
+    t1[:] = 1
+    lp1 = sf.fused_token_logprobs(h1, w1, t1, bias=b1, backend="cpu")
+    ref1 = logprob_oracle(h1, w1, t1, bias=b1)
+    assert (lp1.double() - ref1).abs().max() < 1e-5 * ref1.abs().max() + 1e-7
+
+
+class _RefEpilogueAnyDtype:
+    """epilogue_torch on a widened copy of a bf16/fp16 tile, written back in the tile's
+    dtype: the semantics the CUDA kernels implement for half-precision tiles."""
+
+    @staticmethod
+    def fold_tile_(x, v0, targets, m, s, tgt, tf):
+        epilogue_torch.fold_tile_(x.float(), v0, targets, m, s, tgt, tf)
+
+    @staticmethod
+    def grad_tile_(x, v0, targets, lse, g, tf):
+        y = x.float()
+        epilogue_torch.grad_tile_(y, v0, targets, lse, g, tf)
+        x.copy_(y)
+
+
+def test_cuda_driver_on_cpu_fp32_vs_oracle(monkeypatch):
+    """The cuda backend's driver (tiles in the input dtype) with a reference epilogue."""
+    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 16)
+    h, w, b, t, up = _problem(41, 23, 523, seed=2)
+    tf = LogitTransform(1.2, 5.0, 0.9)
+    logp, grads = _run_driver(cuda_backend, _RefEpilogueAnyDtype, h, w, b, t, up, tf, 16 * 260)
+    ref = logprob_oracle(h, w, t, bias=b, logit_scale=1.2, softcap=5.0, temperature=0.9)
+    valid = t != -100
+    assert ((logp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid].max() < 1e-5
+    for a, c in zip(grads, torch.autograd.grad(ref, (h, w, b), up.double())):
+        assert a.dtype == torch.float32 and _rel(a, c) < 1e-4
+
+
+def test_cuda_driver_on_cpu_bf16_no_worse_than_eager(monkeypatch):
+    """bf16 tiles, bf16 gradient tiles, fp32 accumulation: error against the fp64 oracle
+    within eager bf16's own error (plus a margin), as the numerics contract asks."""
+    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 16)
+    h, w, _, t, up = _problem(48, 64, 1500, dtype=torch.bfloat16, seed=3, bias=False)
+    logp, (gh, gw) = _run_driver(cuda_backend, _RefEpilogueAnyDtype, h, w, None, t, up,
+                                 LogitTransform(), 16 * 512)
+    ref = logprob_oracle(h, w, t)
+    eag = eager_logprobs(h, w, t)
+    assert (logp.double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
+    want = torch.autograd.grad(ref, (h, w), up.double())
+    eg = torch.autograd.grad(eag, (h, w), up)
+    for a, c, e in zip((gh, gw), want, eg):
+        assert a.dtype == torch.bfloat16
+        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3
+
+
 @pytest.mark.parametrize("bad,match", [
     ("dtype", "x dtype"), ("targets", "targets must be"), ("stats", "m must be"),
-    ("stride", "unit column stride"),
+    ("stride", "unit column stride"), ("overlap", "non-overlapping rows"),
 ])
 def test_adapter_rejects_bad_tensors(bad, match):
     x, t = torch.randn(4, 8), torch.zeros(4, dtype=torch.long)
@@ -99,6 +229,8 @@ def test_adapter_rejects_bad_tensors(bad, match):
         m = torch.zeros(5)
     elif bad == "stride":
         x = torch.randn(8, 4).t()
+    elif bad == "overlap":
+        x = torch.randn(40).as_strided((4, 8), (3, 1))
     with pytest.raises(ValueError, match=match):
         EP.fold_tile_(x, 0, t, m, s, tgt, LogitTransform())
 

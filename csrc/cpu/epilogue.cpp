@@ -75,12 +75,18 @@ void fold_tile_cpu(const float* x, int64_t n, int64_t vt, int64_t ldx, int64_t v
       for (int64_t j = 0; j < vt; ++j) rmax = row[j] > rmax ? row[j] : rmax;
       const float tmax = a * rmax;  // a > 0
       const float m_new = m[i] > tmax ? m[i] : tmax;
+      const int64_t local = targets[i] - v0;
+      if (m_new == -std::numeric_limits<float>::infinity()) {
+        // every logit so far is -inf (masked vocabulary): nothing to add, and
+        // exp(-inf - -inf) would be NaN
+        if (local >= 0 && local < vt) tgt[i] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < vt; ++j) acc += fast_exp(row[j] * a - m_new);
       s[i] = s[i] * std::exp(m[i] - m_new) + acc;
       m[i] = m_new;
-      const int64_t local = targets[i] - v0;
       if (local >= 0 && local < vt) tgt[i] = row[local] * a;
     }
     delete[] zr;

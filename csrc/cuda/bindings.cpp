@@ -12,7 +12,9 @@ namespace py = pybind11;
 using sgdpo::Transform;
 
 static void check(int err, const char* what) {
-  if (err != 0) throw std::runtime_error(std::string(what) + ": CUDA error " + std::to_string(err));
+  if (err != 0)
+    throw std::runtime_error(std::string(what) + ": CUDA error " + std::to_string(err) + " (" +
+                             sgdpo::cuda_error_string(err) + ")");
 }
 
 PYBIND11_MODULE(_C_cuda, mod) {

@@ -1,5 +1,6 @@
-// CUDA tile epilogues: one thread block per token row, strided loops over the tile's
-// vocabulary entries, block reductions in shared memory.  64-bit row offsets.
+// CUDA tile epilogues: one thread block per token row, strided (coalesced) loops over the
+// tile's vocabulary entries, block reductions through warp shuffles and shared memory.
+// 64-bit row offsets (i * ldx).  Tiles fp32 / bf16 / fp16, all arithmetic in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -62,6 +63,9 @@ __device__ float block_reduce(float v, float* smem) {
   return v;
 }
 
+// One pass over the row: every thread keeps its own online (max, sum-exp) pair, started at
+// -FLT_MAX rather than -inf so that -inf logits (masked vocabulary) add exp(-inf) = 0 instead
+// of exp(-inf - -inf) = NaN; the pairs are then combined across the block.
 template <typename T>
 __global__ void fold_tile_kernel(const T* __restrict__ x, int64_t vt, int64_t ldx, int64_t v0,
                                  const int64_t* __restrict__ targets, float* m, float* s,
@@ -69,16 +73,23 @@ __global__ void fold_tile_kernel(const T* __restrict__ x, int64_t vt, int64_t ld
   __shared__ float smem[kThreads / 32];
   const int64_t i = blockIdx.x;
   const T* xr = x + i * ldx;
-  float mx = -FLT_MAX;
-  for (int64_t j = threadIdx.x; j < vt; j += kThreads) mx = fmaxf(mx, transform(to_f32(xr[j]), tf));
-  mx = block_reduce<true>(mx, smem);
-  const float m_old = m[i];
-  const float m_new = fmaxf(m_old, mx);
-  float acc = 0.f;
-  for (int64_t j = threadIdx.x; j < vt; j += kThreads) acc += __expf(transform(to_f32(xr[j]), tf) - m_new);
-  acc = block_reduce<false>(acc, smem);
+  float mt = -FLT_MAX, st = 0.f;
+  for (int64_t j = threadIdx.x; j < vt; j += kThreads) {
+    const float z = transform(to_f32(xr[j]), tf);
+    if (z > mt) {
+      st = st * __expf(mt - z) + 1.f;
+      mt = z;
+    } else {
+      st += __expf(z - mt);
+    }
+  }
+  const float mx = block_reduce<true>(mt, smem);
+  const float sx = block_reduce<false>(st * __expf(mt - mx), smem);
   if (threadIdx.x == 0) {
-    s[i] = s[i] * __expf(m_old - m_new) + acc;
+    const float m_old = m[i];
+    const float m_new = fmaxf(m_old, mx);
+    // m_old = -inf on the first tile: exp(-inf) = 0 and s[i] = 0
+    s[i] = s[i] * __expf(m_old - m_new) + sx * __expf(mx - m_new);
     m[i] = m_new;
     const int64_t local = targets[i] - v0;
     if (local >= 0 && local < vt) tgt[i] = transform(to_f32(xr[local]), tf);
@@ -149,6 +160,10 @@ int grad_tile_cuda(int dtype, void* x, int64_t n, int64_t vt, int64_t ldx, int64
       return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());
+}
+
+const char* cuda_error_string(int err) {
+  return cudaGetErrorString(static_cast<cudaError_t>(err));
 }
 
 }  // namespace sgdpo

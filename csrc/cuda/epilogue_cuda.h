@@ -19,4 +19,7 @@ int grad_tile_cuda(int dtype, void* x, int64_t n, int64_t vt, int64_t ldx, int64
                    const int64_t* targets, const float* lse, const float* g, Transform tf,
                    uintptr_t stream);
 
+// cudaGetErrorString for the codes above (the bindings do not include the CUDA runtime).
+const char* cuda_error_string(int err);
+
 }  // namespace sgdpo

@@ -28,9 +28,9 @@ _TILE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _check_tile(x, targets, stats, device_type, tile_dtypes):
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"x must be a 2-D tile with unit column stride, got shape {tuple(x.shape)} "
-                         f"strides {x.stride()}")
+    if x.dim() != 2 or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        raise ValueError(f"x must be a 2-D tile with unit column stride and non-overlapping rows, "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}")
     if x.dtype not in tile_dtypes:
         raise ValueError(f"x dtype must be one of {tile_dtypes}, got {x.dtype}")
     n = x.shape[0]
@@ -64,22 +64,36 @@ class _CpuEpilogue:
                           targets.data_ptr(), lse.data_ptr(), g.data_ptr(), *_tf_args(tf))
 
 
+def _same_cuda_device(x, others):
+    for name, t in others.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the tile x is on {x.device}")
+
+
 class _CudaEpilogue:
+    """Launches on PyTorch's current stream of the tile's device (with that device made
+    current for the launch), so the kernels order with the cuBLAS tile GEMMs."""
+
     def __init__(self, mod):
         self._m = mod
 
     def fold_tile_(self, x, v0, targets, m, s, tgt, tf):
         _check_tile(x, targets, dict(m=m, s=s, tgt=tgt), "cuda", tuple(_TILE_DTYPES))
-        self._m.fold_tile(_TILE_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.shape[1],
-                          x.stride(0), int(v0), targets.data_ptr(), m.data_ptr(), s.data_ptr(),
-                          tgt.data_ptr(), *_tf_args(tf),
-                          torch.cuda.current_stream(x.device).cuda_stream)
+        _same_cuda_device(x, dict(targets=targets, m=m, s=s, tgt=tgt))
+        with torch.cuda.device(x.device):
+            self._m.fold_tile(_TILE_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.shape[1],
+                              x.stride(0), int(v0), targets.data_ptr(), m.data_ptr(),
+                              s.data_ptr(), tgt.data_ptr(), *_tf_args(tf),
+                              torch.cuda.current_stream(x.device).cuda_stream)
 
     def grad_tile_(self, x, v0, targets, lse, g, tf):
         _check_tile(x, targets, dict(lse=lse, g=g), "cuda", tuple(_TILE_DTYPES))
-        self._m.grad_tile(_TILE_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.shape[1],
-                          x.stride(0), int(v0), targets.data_ptr(), lse.data_ptr(), g.data_ptr(),
-                          *_tf_args(tf), torch.cuda.current_stream(x.device).cuda_stream)
+        _same_cuda_device(x, dict(targets=targets, lse=lse, g=g))
+        with torch.cuda.device(x.device):
+            self._m.grad_tile(_TILE_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.shape[1],
+                              x.stride(0), int(v0), targets.data_ptr(), lse.data_ptr(),
+                              g.data_ptr(), *_tf_args(tf),
+                              torch.cuda.current_stream(x.device).cuda_stream)
 
 
 def cpu_epilogue():
@@ -97,12 +111,18 @@ def cpu_epilogue():
 
 
 def _jit_cuda():
-    import pybind11
+    """Build _C_cuda from the source tree (ninja + nvcc, cached by torch in
+    TORCH_EXTENSIONS_DIR / ~/.cache/torch_extensions)."""
     from torch.utils.cpp_extension import load
+    try:
+        import pybind11
+        inc = [pybind11.get_include()]
+    except ImportError:  # torch's include path carries pybind11's headers too
+        inc = []
     return load(name="_C_cuda",
                 sources=[os.path.join(_CSRC, "cuda", "bindings.cpp"),
                          os.path.join(_CSRC, "cuda", "epilogue.cu")],
-                extra_include_paths=[_CSRC, pybind11.get_include()],
+                extra_include_paths=[_CSRC] + inc,
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
 
 
