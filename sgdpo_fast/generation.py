@@ -1,0 +1,118 @@
+"""Batched answer generation for SGPO and eval.
+
+Backends: ``hf`` (transformers ``generate`` with the KV cache, left padding,
+batches of ``batch_size`` prompts, sorted by length so a batch pads little) and
+``vllm`` (used by ``backend="auto"`` when vLLM is installed and the model is on a
+GPU: the current weights are saved to a temporary folder and served by
+``vllm.LLM``).  Prompts are chat-formatted by the caller (``models.chat_prompt``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0     # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+    backend: str = "auto"        # auto | hf | vllm
+    progress: bool = True
+
+
+def _vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def generate(model, tokenizer, prompts: Sequence[str], cfg: Optional[GenConfig] = None,
+             desc: str = "generate") -> List[str]:
+    """Answers (decoded new tokens, special tokens dropped, stripped) for chat-formatted
+    ``prompts``, in the order given."""
+    cfg = cfg or GenConfig()
+    if not prompts:
+        return []
+    backend = cfg.backend
+    dev = next(model.parameters()).device
+    if backend == "auto":
+        backend = "vllm" if dev.type == "cuda" and _vllm_available() else "hf"
+    if backend == "vllm":
+        return _generate_vllm(model, tokenizer, prompts, cfg)
+    if backend != "hf":
+        raise ValueError(f"generation backend must be auto, hf or vllm, got {cfg.backend!r}")
+    return _generate_hf(model, tokenizer, prompts, cfg, desc)
+
+
+def _generate_hf(model, tokenizer, prompts, cfg: GenConfig, desc: str) -> List[str]:
+    dev = next(model.parameters()).device
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
+    out: List[Optional[str]] = [None] * len(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in eos:
+        eos.append(end)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(prompts), desc=desc, disable=not cfg.progress, leave=False)
+    except ImportError:  # pragma: no cover
+        bar = None
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            T = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding: every prompt ends at column T-1
+                ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
+                att[r, T - len(enc[i]):] = 1
+            kw = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                      use_cache=True)
+            if cfg.temperature > 0:
+                kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw)
+            for r, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[r, T:], skip_special_tokens=True).strip()
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _generate_vllm(model, tokenizer, prompts, cfg: GenConfig) -> List[str]:  # pragma: no cover
+    """vLLM on a snapshot of the current weights (GPU machines with vLLM only)."""
+    from vllm import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        llm = LLM(model=d, seed=cfg.seed, dtype="auto", enforce_eager=True,
+                  gpu_memory_utilization=float(os.environ.get("SGDPO_FAST_VLLM_MEM", "0.3")))
+        sp = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p)
+        res = llm.generate(list(prompts), sp)
+        out = [r.outputs[0].text.strip() for r in res]
+        del llm
+    torch.cuda.empty_cache()
+    return out

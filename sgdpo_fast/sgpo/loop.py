@@ -1,0 +1,223 @@
+"""The SGPO loop (arXiv 2507.20181): one model, policy and improver roles.
+
+Iteration ``i`` (folder ``<out>/iter-<i>/``), every stage written to disk so a
+killed run resumes where it stopped (``resume=True``) and can be inspected:
+
+1. ``drafts.jsonl``      the policy answers the improver-training SFT prompts.
+2. ``improver/``         NLL training (the trainer with ``loss_type="sft"``) on
+                         (improver prompt with the prompt and the model's own
+                         draft) -> SFT reference, mixed with plain prompt -> SFT
+                         reference examples so the policy role is kept
+                         (``policy_mix`` of them per improver example).
+3. ``candidates.jsonl``  the updated policy answers the preference prompts; the
+                         improver rewrites each answer; the per-token perplexity
+                         of the improved answer under the policy (fused log-prob op).
+4. ``pairs.jsonl``       every candidate with its filter decision (``filters.py``:
+                         empty / identical / too similar / perplexity outside Tukey's
+                         fences); ``kept.jsonl`` the kept ones as preference records
+                         (chosen = improved, rejected = original).
+5. ``preference/``       DPO or SGDPO on the kept pairs (``pref_train.loss_type``).
+
+A finished training stage leaves ``weights.pt`` (the model after it) and
+``DONE``; its intermediate checkpoints are deleted.  An iteration with no kept
+pair skips stage 5 (the summary says so).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..data.records import read_jsonl, write_jsonl
+from ..generation import GenConfig, generate
+from ..models import chat_prompt
+from ..trainer import TrainConfig, train
+from ..trainer.batches import answer_mask, collate, encode, token_logps
+from .filters import decide
+from .prompts import IMPROVER_TEMPLATE, improver_prompt, policy_prompt
+
+
+@dataclass
+class SGPOConfig:
+    iterations: int = 1
+    n_improver_prompts: Optional[int] = None   # SFT prompts for improver training (None: all)
+    n_pref_prompts: Optional[int] = None       # prompts for preference pairs (None: all)
+    policy_mix: float = 1.0                    # plain policy examples per improver example
+    tukey_k: float = 1.5
+    max_similarity: float = 0.9
+    improver_template: str = IMPROVER_TEMPLATE
+    seed: int = 0
+    gen: GenConfig = field(default_factory=lambda: GenConfig(max_new_tokens=64))
+    improver_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        loss_type="sft", lr=1e-5, epochs=1, save_final=False))
+    pref_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        loss_type="sgdpo", save_final=False))
+
+    def validate(self) -> "SGPOConfig":
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.policy_mix < 0:
+            raise ValueError(f"policy_mix must be >= 0, got {self.policy_mix}")
+        if "{prompt}" not in self.improver_template or "{draft}" not in self.improver_template:
+            raise ValueError("improver_template must contain {prompt} and {draft}")
+        if self.improver_train.loss_type != "sft":
+            raise ValueError("improver_train.loss_type must be 'sft'")
+        if self.pref_train.loss_type == "sft":
+            raise ValueError("pref_train.loss_type must be a preference loss")
+        self.improver_train.validate()
+        self.pref_train.validate()
+        return self
+
+
+def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
+                      system=None, batch_size: int = 8, max_length: int = 512,
+                      backend: str = "auto") -> List[float]:
+    """Per-token perplexity ``exp(-mean log p)`` of each answer (with its end-of-turn
+    token) after its chat-formatted prompt, under ``model``; log-probs from the fused op."""
+    out: List[float] = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(prompts), batch_size):
+                seqs = [encode(tokenizer, p, a, max_length=max_length, system=system)
+                        for p, a in zip(prompts[s:s + batch_size], answers[s:s + batch_size])]
+                b = collate(seqs, tokenizer.pad_token_id)
+                lp = token_logps(model, b, backend).float().cpu()
+                m = answer_mask(b["labels"])
+                for r in range(len(seqs)):
+                    out.append(math.exp(-lp[r][m[r]].mean().item()))
+    finally:
+        model.train(was)
+    return out
+
+
+def _done(d):
+    return os.path.isfile(os.path.join(d, "DONE"))
+
+
+def _mark_done(d, info: dict):
+    with open(os.path.join(d, "DONE.tmp"), "w") as f:
+        json.dump(info, f)
+    os.replace(os.path.join(d, "DONE.tmp"), os.path.join(d, "DONE"))
+
+
+def _train_stage(model, tokenizer, records, cfg: TrainConfig, d: str, resume: bool) -> dict:
+    """A training stage that survives interruption: its trainer checkpoints in ``d``; when
+    it finishes, ``weights.pt`` holds the model and the checkpoints are removed."""
+    if _done(d):
+        model.load_state_dict(torch.load(os.path.join(d, "weights.pt")))
+        with open(os.path.join(d, "DONE")) as f:
+            return json.load(f)
+    res = train(model, tokenizer, records, cfg, d, resume=resume)
+    tmp = os.path.join(d, "weights.pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, os.path.join(d, "weights.pt"))
+    shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)
+    info = {"steps": res["steps"], "last": res["last"]}
+    _mark_done(d, info)
+    return info
+
+
+def _cached_jsonl(path: str, make):
+    if os.path.isfile(path):
+        return read_jsonl(path)
+    recs = make()
+    write_jsonl(path, recs)
+    return recs
+
+
+def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
+             resume: bool = False, pref_records: Optional[Sequence[dict]] = None) -> List[dict]:
+    """Run ``cfg.iterations`` SGPO iterations on ``model`` (updated in place).
+
+    ``sft_records``: ``{"prompt", "response"}``; the improver is trained on them and,
+    unless ``pref_records`` (``{"prompt"}``) are given, their prompts are also the
+    preference prompts.  Returns one summary dict per iteration."""
+    cfg.validate()
+    if not sft_records:
+        raise ValueError("SGPO needs SFT records (prompt, response)")
+    os.makedirs(out_dir, exist_ok=True)
+    if not resume and os.listdir(out_dir):
+        if any(n.startswith("iter-") for n in os.listdir(out_dir)):
+            raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume) "
+                             f"or choose another folder")
+    with open(os.path.join(out_dir, "sgpo_config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1, default=str)
+    rng = random.Random(cfg.seed)
+    sys_p = cfg.pref_train.system_prompt
+    summaries = []
+    for it in range(cfg.iterations):
+        d = os.path.join(out_dir, f"iter-{it}")
+        os.makedirs(d, exist_ok=True)
+        imp_recs = list(sft_records)
+        rng_it = random.Random(rng.randrange(2**31))
+        if cfg.n_improver_prompts is not None:
+            imp_recs = rng_it.sample(imp_recs, min(cfg.n_improver_prompts, len(imp_recs)))
+        prefs = list(pref_records) if pref_records is not None else list(sft_records)
+        if cfg.n_pref_prompts is not None:
+            prefs = rng_it.sample(prefs, min(cfg.n_pref_prompts, len(prefs)))
+        gen = cfg.gen
+
+        def pol(texts):
+            return [chat_prompt(tokenizer, policy_prompt(t), sys_p) for t in texts]
+
+        def imp(ps, drafts):
+            return [chat_prompt(tokenizer, improver_prompt(p, x, cfg.improver_template), sys_p)
+                    for p, x in zip(ps, drafts)]
+
+        # 1. drafts of the current policy on the improver-training prompts
+        drafts = _cached_jsonl(os.path.join(d, "drafts.jsonl"), lambda: [
+            {"prompt": r["prompt"], "draft": a, "response": r["response"]}
+            for r, a in zip(imp_recs, generate(model, tokenizer, pol([r["prompt"] for r in imp_recs]),
+                                               gen, desc=f"iter {it}: drafts"))])
+        # 2. improver training (+ plain policy examples)
+        sft = [{"prompt": improver_prompt(x["prompt"], x["draft"], cfg.improver_template),
+                "response": x["response"]} for x in drafts]
+        n_mix = int(round(cfg.policy_mix * len(drafts)))
+        sft += [{"prompt": x["prompt"], "response": x["response"]}
+                for x in (drafts * math.ceil(n_mix / max(1, len(drafts))))[:n_mix]]
+        imp_info = _train_stage(model, tokenizer, sft, cfg.improver_train.replace(seed=cfg.seed + it),
+                                os.path.join(d, "improver"), resume)
+
+        # 3. on-policy answers, improved answers, perplexity of the improved ones
+        def make_candidates():
+            ps = [r["prompt"] for r in prefs]
+            orig = generate(model, tokenizer, pol(ps), gen, desc=f"iter {it}: answers")
+            better = generate(model, tokenizer, imp(ps, orig), gen, desc=f"iter {it}: improve")
+            ppl = answer_perplexity(model, tokenizer, ps, better, system=sys_p,
+                                    max_length=cfg.pref_train.max_length, backend=cfg.pref_train.backend)
+            return [{"prompt": p, "original": o, "improved": b, "ppl": q if math.isfinite(q) else None}
+                    for p, o, b, q in zip(ps, orig, better, ppl)]
+        cands = _cached_jsonl(os.path.join(d, "candidates.jsonl"), make_candidates)
+        # 4. filters
+        reasons, (lo, hi) = decide([c["original"] for c in cands], [c["improved"] for c in cands],
+                                   [math.inf if c["ppl"] is None else c["ppl"] for c in cands], tukey_k=cfg.tukey_k,
+                                   max_similarity=cfg.max_similarity)
+        fin = lambda x: x if math.isfinite(x) else None  # JSON has no infinities
+        decided = [dict(c, kept=r == "kept", reason=r, fence_lo=fin(lo), fence_hi=fin(hi))
+                   for c, r in zip(cands, reasons)]
+        write_jsonl(os.path.join(d, "pairs.jsonl"), decided)
+        kept = [{"prompt": c["prompt"], "chosen": c["improved"], "rejected": c["original"]}
+                for c in decided if c["kept"]]
+        write_jsonl(os.path.join(d, "kept.jsonl"), kept)
+        counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+        # 5. preference optimization on the kept pairs
+        pref_info = None
+        if kept:
+            pref_info = _train_stage(model, tokenizer, kept, cfg.pref_train.replace(seed=cfg.seed + it),
+                                     os.path.join(d, "preference"), resume)
+        summary = {"iteration": it, "improver_examples": len(sft), "improver": imp_info,
+                   "candidates": len(cands), "kept": len(kept), "decisions": counts,
+                   "fences": [fin(lo), fin(hi)], "preference": pref_info,
+                   "note": None if kept else "no pair survived the filters: no preference step"}
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        summaries.append(summary)
+    return summaries

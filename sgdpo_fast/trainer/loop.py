@@ -1,0 +1,216 @@
+"""The thin trainer: AdamW, gradient accumulation, cosine schedule with warmup,
+bf16 autocast on GPU, checkpoints every K steps, exact resume, JSONL metrics, a
+PNG plot and a tqdm bar.  The model's loss comes from an objective
+(``objectives.py``); the LM head always runs through the fused op.
+
+Run folder::
+
+    <out>/config.json          the TrainConfig
+    <out>/metrics.jsonl        one line per optimizer step
+    <out>/metrics.png          loss, rewards, margins, accuracy (+ pilots for SGDPO)
+    <out>/reference_logps.pt   precomputed reference (preference losses)
+    <out>/checkpoints/step-N/  the last ``keep_checkpoints`` checkpoints
+    <out>/final/               save_pretrained model + tokenizer at the end
+
+Data order: epoch ``e`` visits the examples in ``randperm(n)`` drawn from a
+generator seeded with ``(seed, e)``; optimizer step ``s`` of that epoch takes
+micro-batches ``s*accum ... s*accum + accum - 1``.  The step number therefore
+fixes the data position, and a resumed run replays exactly what an uninterrupted
+one would have done.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .plot import plot_metrics
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> 0 at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+    return f
+
+
+class Trainer:
+    """``Trainer(model, tokenizer, objective, cfg, out_dir).train(resume=False)``.
+
+    ``callbacks``: callables ``cb(step, metrics)`` run after each optimizer step
+    (after its checkpoint, if any).  Ctrl-C (KeyboardInterrupt) saves a checkpoint
+    of the last finished step before leaving; ``--resume`` continues from it.
+    """
+
+    def __init__(self, model, tokenizer, objective, cfg: TrainConfig, out_dir: str,
+                 callbacks: Sequence[Callable] = ()):
+        self.model, self.tokenizer, self.obj = model, tokenizer, objective
+        self.cfg = cfg.validate()
+        self.out = out_dir
+        self.callbacks = list(callbacks)
+        self.device = next(model.parameters()).device
+        n_micro = math.ceil(len(objective) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.plot_path = os.path.join(out_dir, "metrics.png")
+
+    # data order -----------------------------------------------------------------------------
+    def _order(self, epoch: int) -> List[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.obj), generator=g).tolist()
+
+    def micro_batches(self, step: int) -> List[List[int]]:
+        """The example indices of each micro-batch of optimizer step ``step`` (0-based)."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        bs, acc = self.cfg.batch_size, self.cfg.grad_accum
+        out = []
+        for k in range(j * acc, (j + 1) * acc):
+            idx = order[k * bs:(k + 1) * bs]
+            if idx:
+                out.append(idx)
+        return out
+
+    # pieces ---------------------------------------------------------------------------------
+    def _optimizer(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
+                                weight_decay=self.cfg.weight_decay)
+        warm = int(round(self.cfg.warmup_ratio * self.total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warm, self.total_steps))
+        return opt, sched
+
+    def _autocast(self):
+        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+        if bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _truncate_metrics(self, upto: int) -> None:
+        """Drop metric lines of steps after ``upto`` (recorded after the checkpoint)."""
+        if not os.path.isfile(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            keep = [l for l in f if l.strip() and json.loads(l)["step"] <= upto]
+        with open(self.metrics_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+
+    def _save(self, step, opt, sched):
+        return save_checkpoint(self.out, step, self.model, opt, sched, self.generator,
+                               {"config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints)
+
+    # the loop -------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            json.dump({"objective": self.obj.name, "n_examples": len(self.obj),
+                       "total_steps": self.total_steps, **self.cfg.to_dict()}, f, indent=1)
+        if self.cfg.gradient_checkpointing:
+            en = getattr(self.model, "activation_checkpointing_enable", None) or \
+                self.model.gradient_checkpointing_enable
+            en()
+        # the reference comes from the model as loaded, before a checkpoint replaces its weights
+        self.obj.prepare(self.model, self.out)
+        opt, sched = self._optimizer()
+        step = 0
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if ckpt is not None:
+            step = load_checkpoint(ckpt, self.model, opt, sched, self.generator)["step"]
+            self._truncate_metrics(step)
+            print(f"[sgdpo_fast] resumed from {ckpt} (step {step}/{self.total_steps})", flush=True)
+        elif os.path.isfile(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run in an old folder starts a fresh log
+        last_saved = step
+        self.model.train()
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=step, desc=f"train {self.cfg.loss_type}",
+                       disable=not self.cfg.progress, dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            bar = None
+        t0 = time.perf_counter()
+        last = {}
+        try:
+            while step < self.total_steps:
+                last = self._step(step, opt, sched)
+                step += 1
+                last.update(step=step, epoch=(step - 1) // self.steps_per_epoch,
+                            elapsed_s=round(time.perf_counter() - t0, 3))
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
+                    self._save(step, opt, sched)
+                    last_saved = step
+                    plot_metrics(self.metrics_path, self.plot_path, self._title())
+                for cb in self.callbacks:
+                    cb(step, last)
+        except KeyboardInterrupt:
+            if step > last_saved:
+                path = self._save(step, opt, sched)
+                print(f"\n[sgdpo_fast] interrupted: saved {path}; continue with --resume",
+                      flush=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self._save(step, opt, sched)
+        plot = plot_metrics(self.metrics_path, self.plot_path, self._title())
+        final = None
+        if self.cfg.save_final:
+            final = os.path.join(self.out, "final")
+            self.model.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+        return {"steps": step, "last": last, "metrics": self.metrics_path, "plot": plot,
+                "final": final, "out": self.out}
+
+    def _title(self):
+        return f"{self.cfg.loss_type}  beta={self.cfg.beta}  lr={self.cfg.lr:g}"
+
+    def _step(self, step: int, opt, sched) -> dict:
+        micro = self.micro_batches(step)
+        n_items = sum(len(m) for m in micro)
+        opt.zero_grad(set_to_none=True)
+        sums: dict = {}
+        total = 0.0
+        for idx in micro:
+            with self._autocast():
+                loss, metrics, n = self.obj.loss(self.model, idx, self.generator)
+            (loss * (n / n_items)).backward()
+            total += loss.item() * n / n_items
+            for k, v in metrics.items():
+                w = 1.0 if k == "tokens" else n / n_items
+                sums[k] = sums.get(k, 0.0) + v * w
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if params else torch.tensor(0.0)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"non-finite loss {total} at step {step + 1}")
+        return {"loss": total, "lr": lr, "grad_norm": float(gn), **sums}
+
+
+def train(model, tokenizer, records, cfg: TrainConfig, out_dir: str, resume: bool = False,
+          callbacks: Sequence[Callable] = ()) -> dict:
+    """Train ``model`` on ``records`` (preference pairs, or SFT examples with
+    ``loss_type="sft"``) and return the run summary."""
+    from .objectives import make_objective
+
+    obj = make_objective(records, tokenizer, cfg)
+    return Trainer(model, tokenizer, obj, cfg, out_dir, callbacks).train(resume=resume)
