@@ -52,13 +52,31 @@ def _logprob_fwd_kernel(
         z = transform_logits(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        # "safe max": while every logit seen so far is -inf (a masked vocabulary slice, e.g.
+        # a -inf bias over padded entries) subtract 0 instead, since exp(-inf - -inf) is NaN;
+        # exp(-inf - 0) = 0 then adds nothing and leaves s = 0
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_use) + tl.sum(tl.exp(z - m_use[:, None]), axis=1)
         m = m_new
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = pid_s.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(tgt_ptr + out, zt, mask=row_ok)
+
+
+def combine_partials(m, s):
+    """lse [N] from per-split running maxima ``m`` and sums ``s`` ``[SPLITS, N]``.
+
+    A split whose logits are all -inf (masked vocabulary) has ``m = -inf, s = 0`` and
+    contributes nothing; its maximum must not enter an exponent (``-inf - -inf`` is NaN).
+    A row with no finite logit at all gets ``lse = -inf``.
+    """
+    ok = torch.isfinite(m)
+    mx = torch.where(ok, m, torch.full_like(m, float("-inf"))).amax(dim=0)
+    mx_use = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    terms = torch.where(ok, s * torch.exp(torch.where(ok, m, mx_use) - mx_use), torch.zeros_like(s))
+    return mx_use + torch.log(terms.sum(dim=0))
 
 
 def logprob_forward(hidden, weight, bias, targets, ignore_index, logit_scale=1.0, softcap=None,
@@ -94,8 +112,7 @@ def logprob_forward(hidden, weight, bias, targets, ignore_index, logit_scale=1.0
         num_warps=num_warps, num_stages=num_stages,
     )
     m, s, zt = part[0], part[1], part[2]
-    mx = m.amax(dim=0)
-    lse = mx + torch.log((s * torch.exp(m - mx)).sum(dim=0))
+    lse = combine_partials(m, s)
     tgt = zt.sum(dim=0)
     logp = torch.where(targets != ignore_index, tgt - lse, torch.zeros_like(lse))
     return logp, lse

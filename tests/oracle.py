@@ -1,7 +1,13 @@
 """Independent fp64 oracles: plain materialized computations, no project code."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Seed of the tests' random inputs: fixed, so a failure reproduces; set SGDPO_FAST_TEST_SEED
+# to draw other inputs (CI uses the default).
+SEED = int(os.environ.get("SGDPO_FAST_TEST_SEED", "0"))
 
 
 def logprob_oracle(hidden, weight, targets, bias=None, ignore_index=-100, temperature=1.0,

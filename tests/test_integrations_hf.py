@@ -6,6 +6,7 @@ import torch
 
 import sgdpo_fast as sf
 from sgdpo_fast.integrations.hf import head_transform_from_config, remove_fused_lm_head
+from oracle import SEED  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,7 +16,7 @@ SMALL = dict(vocab_size=53, hidden_size=16, intermediate_size=32, num_hidden_lay
 
 def _model(kind):
     T = transformers
-    torch.manual_seed(torch.seed() % 2**31)
+    torch.manual_seed(SEED)
     if kind == "llama":
         return T.LlamaForCausalLM(T.LlamaConfig(**SMALL))
     if kind == "gemma2_softcap":  # final_logit_softcapping, small enough to bite on random logits

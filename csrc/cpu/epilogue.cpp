@@ -35,12 +35,18 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// tanh(y) = sign(y) * (1 - e) / (1 + e) with e = exp(-2|y|): no overflow, absolute error ~1e-7.
+// tanh(y) = sign(y) * (1 - e) / (1 + e) with e = exp(-2|y|): no overflow.  That form loses
+// relative precision as |y| -> 0 (1 - e cancels), so below |y| = 0.125 the odd Taylor series
+// to y^7 takes over (truncation < 3e-9 relative there).  Relative error ~1e-6 everywhere.
 #pragma omp declare simd
 inline float fast_tanh(float y) {
-  const float e = fast_exp(-2.0f * (y < 0.0f ? -y : y));
+  const float ay = y < 0.0f ? -y : y;
+  const float e = fast_exp(-2.0f * ay);
   const float t = (1.0f - e) / (1.0f + e);
-  return y < 0.0f ? -t : t;
+  const float y2 = ay * ay;
+  const float p = ay * (1.0f + y2 * (-1.0f / 3.0f + y2 * (2.0f / 15.0f + y2 * (-17.0f / 315.0f))));
+  const float r = ay < 0.125f ? p : t;
+  return y < 0.0f ? -r : r;
 }
 
 // softcapped z for one row into zr (a thread-local buffer).

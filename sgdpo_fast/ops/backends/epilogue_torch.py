@@ -31,7 +31,11 @@ def fold_tile_(x, v0: int, targets, m, s, tgt, tf: LogitTransform) -> None:
     vt = x.shape[1]
     z = tf.apply(x)
     m_new = torch.maximum(m, z.amax(dim=1))
-    s.mul_(torch.exp(m - m_new)).add_(torch.exp(z - m_new[:, None]).sum(dim=1))
+    # "safe max": a row whose logits so far are all -inf (masked vocabulary, e.g. a -inf
+    # bias over padded entries) subtracts 0 instead, since exp(-inf - -inf) is NaN;
+    # exp(-inf - 0) = 0 then adds nothing and leaves s = 0
+    m_use = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+    s.mul_(torch.exp(m - m_use)).add_(torch.exp(z - m_use[:, None]).sum(dim=1))
     m.copy_(m_new)
     inside, idx = _target_in_tile(targets, v0, vt)
     tgt.copy_(torch.where(inside, z.gather(1, idx[:, None]).squeeze(1), tgt))
