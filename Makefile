@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 demo: $(STAMP)
-	$(BIN)/python -m sgdpo_fast.head_demo
+	$(BIN)/python -m sgdpo_fast.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

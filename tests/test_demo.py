@@ -1,0 +1,19 @@
+"""`make demo`'s script end to end with --quick on a tiny random Llama (the real run on the
+embedded SmolLM2 is `make demo`; its output is in the README)."""
+import os
+
+from sgdpo_fast import demo
+from tiny_lm import tiny_model, tiny_tokenizer
+
+
+def test_demo_quick_on_tiny_model(tmp_path, capsys):
+    mdir = str(tmp_path / "tiny")
+    tiny_model(31).save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    out = str(tmp_path / "run")
+    assert demo.main(["--quick", "--model", mdir, "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "| **overall**" in text and "materialized fp32 logits" in text
+    for f in ("eval_before.jsonl", "eval_after.jsonl", "eval_table.md",
+              "sgpo/iter-0/pairs.jsonl", "sgpo/iter-0/drafts.jsonl", "train_pairs.jsonl"):
+        assert os.path.isfile(os.path.join(out, f)), f
