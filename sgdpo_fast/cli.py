@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .trainer.config import TrainConfig
@@ -192,6 +193,10 @@ def main(argv=None):
         return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     from .data.records import DataError
+
+    def _term(signum, frame):  # `kill` / a scheduler's SIGTERM: save like Ctrl-C does
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, _term)
     try:
         return {"train": _cmd_train, "sgpo": _cmd_sgpo, "eval": _cmd_eval}[args.command](args)
     except DataError as e:
@@ -200,6 +205,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,36 @@ def test_sgpo_command(model_dir, tmp_path, capsys):
     assert "pairs kept" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "iter-0", "pairs.jsonl"))
     assert os.path.isfile(os.path.join(out, "final", "config.json"))
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(model_dir, tmp_path):
+    """A real `kill` of a training process: it saves the last finished step and exits 130;
+    --resume completes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "sgdpo_fast.cli", "train", "--model", model_dir, "--data", p,
+            "--out", out, "--max-steps", "60", "--save-every", "0", "--no-progress",
+            "--lr", "1e-3", "--batch-size", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and len(open(metrics).read().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    done = len(open(metrics).read().splitlines())
+    assert 3 <= done < 60
+    assert os.listdir(os.path.join(out, "checkpoints")) == [f"step-{done:06d}"]
+    assert cli.main(args[3:] + ["--resume"]) == 0
+    assert [json.loads(l)["step"] for l in open(metrics)] == list(range(1, 61))

@@ -24,6 +24,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, List, Optional, Sequence
 
@@ -32,6 +34,34 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .plot import plot_metrics
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM during training: finish the current step, checkpoint, then raise
+    KeyboardInterrupt; a second signal leaves at once (losing the unsaved steps)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[sgdpo_fast] stopping after this step and saving a checkpoint "
+              "(signal again to leave at once)", flush=True)
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -48,8 +78,8 @@ class Trainer:
     """``Trainer(model, tokenizer, objective, cfg, out_dir).train(resume=False)``.
 
     ``callbacks``: callables ``cb(step, metrics)`` run after each optimizer step
-    (after its checkpoint, if any).  Ctrl-C (KeyboardInterrupt) saves a checkpoint
-    of the last finished step before leaving; ``--resume`` continues from it.
+    (after its checkpoint, if any).  Ctrl-C or SIGTERM lets the current step finish,
+    saves a checkpoint and raises KeyboardInterrupt; ``--resume`` continues from it.
     """
 
     def __init__(self, model, tokenizer, objective, cfg: TrainConfig, out_dir: str,
@@ -143,14 +173,19 @@ class Trainer:
             bar = None
         t0 = time.perf_counter()
         last = {}
+        stop = _StopRequest()
+        clean = True  # between steps: weights, optimizer, step count and metrics agree
         try:
+            stop.install()
             while step < self.total_steps:
+                clean = False
                 last = self._step(step, opt, sched)
-                step += 1
-                last.update(step=step, epoch=(step - 1) // self.steps_per_epoch,
+                last.update(step=step + 1, epoch=step // self.steps_per_epoch,
                             elapsed_s=round(time.perf_counter() - t0, 3))
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                step += 1
+                clean = True
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
@@ -160,13 +195,19 @@ class Trainer:
                     plot_metrics(self.metrics_path, self.plot_path, self._title())
                 for cb in self.callbacks:
                     cb(step, last)
+                if stop.requested and step < self.total_steps:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if step > last_saved:
+            if clean and step > last_saved:
                 path = self._save(step, opt, sched)
                 print(f"\n[sgdpo_fast] interrupted: saved {path}; continue with --resume",
                       flush=True)
+            elif not clean:
+                print(f"\n[sgdpo_fast] interrupted inside step {step + 1}: nothing saved since "
+                      f"step {last_saved}; continue with --resume", flush=True)
             raise
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
         self._save(step, opt, sched)
