@@ -80,14 +80,21 @@ def _device(args):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _load_for_training(args):
+    """fp32 master weights: AdamW updates of bf16 weights would round most small steps
+    away (lr 5e-7); on CUDA the compute runs in bf16 through autocast (``--bf16``)."""
+    import torch
+    from .models import load_model
+    return load_model(args.model, device=_device(args), dtype=torch.float32)
+
+
 def _cmd_train(args):
     from .data.records import load_preferences, load_sft
-    from .models import load_model
     from .trainer import train
 
     cfg = _train_config(args)
     records = load_sft(args.data) if cfg.loss_type == "sft" else load_preferences(args.data)
-    model, tok = load_model(args.model, device=_device(args))
+    model, tok = _load_for_training(args)
     res = train(model, tok, records, cfg, args.out, resume=args.resume)
     print(json.dumps({k: res[k] for k in ("steps", "metrics", "plot", "final")}, indent=1))
     return 0
@@ -96,21 +103,25 @@ def _cmd_train(args):
 def _cmd_sgpo(args):
     from .data.records import load_sft
     from .generation import GenConfig
-    from .models import load_model
     from .sgpo import SGPOConfig, run_sgpo
 
     pref = _train_config(args, base=TrainConfig(loss_type="sgdpo", save_final=False))
     imp = _train_config(args, "improver_", TrainConfig(loss_type="sft", lr=1e-5, save_final=False))
     if imp.loss_type != "sft":
         raise SystemExit("--improver-loss-type must be sft")
+    # machinery flags apply to both training stages
+    imp = imp.replace(gradient_checkpointing=pref.gradient_checkpointing, bf16=pref.bf16,
+                      progress=pref.progress)
     cfg = SGPOConfig(iterations=args.iterations, n_improver_prompts=args.improver_prompts,
                      n_pref_prompts=args.pref_prompts, policy_mix=args.policy_mix,
                      tukey_k=args.tukey_k, max_similarity=args.max_similarity, seed=pref.seed,
                      gen=GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   batch_size=args.gen_batch_size, seed=pref.seed),
+                                   batch_size=args.gen_batch_size, seed=pref.seed,
+                                   progress=pref.progress),
+                     drop_truncated=not args.keep_truncated,
                      improver_train=imp, pref_train=pref)
     records = load_sft(args.data)
-    model, tok = load_model(args.model, device=_device(args))
+    model, tok = _load_for_training(args)
     summaries = run_sgpo(model, tok, records, cfg, args.out, resume=args.resume)
     final = os.path.join(args.out, "final")
     model.save_pretrained(final)
@@ -163,6 +174,8 @@ def _parser():
     s.add_argument("--policy-mix", type=float, default=1.0)
     s.add_argument("--tukey-k", type=float, default=1.5)
     s.add_argument("--max-similarity", type=float, default=0.9)
+    s.add_argument("--keep-truncated", action="store_true",
+                   help="keep pairs whose answers hit --max-new-tokens (dropped by default)")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--gen-batch-size", type=int, default=16)

@@ -102,14 +102,14 @@ def main(argv=None):
     demo_train = TrainConfig(**DEMO)
     steps_quick = dict(max_steps=2) if a.quick else {}
     cfg = SGPOConfig(
-        iterations=1, gen=GenConfig(max_new_tokens=a.max_new_tokens, batch_size=20),
+        iterations=1, gen=GenConfig(max_new_tokens=2 * a.max_new_tokens, batch_size=20),
         improver_train=demo_train.replace(loss_type="sft", lr=2e-5, epochs=1, save_final=False,
                                           **steps_quick),
         pref_train=demo_train.replace(loss_type="sgdpo", epochs=2, save_final=False, **steps_quick),
         max_similarity=0.9)
     sg = run_sgpo(model, tok, sgpo_recs, cfg, os.path.join(a.out, "sgpo"), resume=a.resume)[0]
     _say(f"SGPO iteration: improver trained on {sg['improver_examples']} examples "
-         f"({sg['improver']['steps']} steps); {sg['kept']}/{sg['candidates']} pairs kept "
+         f"({sg['improver']['steps']} steps); {sg['kept']}/{sg['candidates']} pairs kept, "
          f"{sg['decisions']}" + (f"; SGDPO {sg['preference']['steps']} steps" if sg['preference']
                                  else f"; {sg['note']}"), t0)
 
@@ -135,8 +135,8 @@ def main(argv=None):
                     run_dir, resume=a.resume)
         last = res["last"]
         _say(f"SGDPO on {len(pairs)} (reference > own draft) pairs: {res['steps']} steps, last loss "
-             f"{last['loss']:.4f}, margin {last.get('rewards/margins', float('nan')):+.4f}, "
-             f"plot {res['plot']}", t0)
+             f"{last.get('loss', float('nan')):.4f}, margin "
+             f"{last.get('rewards/margins', float('nan')):+.4f}, plot {res['plot']}", t0)
     else:
         _say("no wrong drafts to make pairs from: SGDPO step skipped", t0)
 

@@ -36,33 +36,46 @@ def _vllm_available() -> bool:
 
 
 def generate(model, tokenizer, prompts: Sequence[str], cfg: Optional[GenConfig] = None,
-             desc: str = "generate") -> List[str]:
+             desc: str = "generate", with_finished: bool = False):
     """Answers (decoded new tokens, special tokens dropped, stripped) for chat-formatted
-    ``prompts``, in the order given."""
+    ``prompts``, in the order given.  ``with_finished=True`` also returns, per answer,
+    whether it ended with a stop token (False: cut at ``max_new_tokens``)."""
     cfg = cfg or GenConfig()
     if not prompts:
-        return []
+        return ([], []) if with_finished else []
     backend = cfg.backend
     dev = next(model.parameters()).device
     if backend == "auto":
         backend = "vllm" if dev.type == "cuda" and _vllm_available() else "hf"
     if backend == "vllm":
-        return _generate_vllm(model, tokenizer, prompts, cfg)
-    if backend != "hf":
+        texts, done = _generate_vllm(model, tokenizer, prompts, cfg)
+    elif backend == "hf":
+        texts, done = _generate_hf(model, tokenizer, prompts, cfg, desc)
+    else:
         raise ValueError(f"generation backend must be auto, hf or vllm, got {cfg.backend!r}")
-    return _generate_hf(model, tokenizer, prompts, cfg, desc)
+    return (texts, done) if with_finished else texts
 
 
-def _generate_hf(model, tokenizer, prompts, cfg: GenConfig, desc: str) -> List[str]:
+def stop_token_ids(model, tokenizer) -> List[int]:
+    """eos of the tokenizer, the model's own generation stop tokens, and ChatML's end of turn."""
+    ids = []
+    gc = getattr(model, "generation_config", None)
+    for x in (tokenizer.eos_token_id, getattr(gc, "eos_token_id", None),
+              tokenizer.convert_tokens_to_ids("<|im_end|>")):
+        for i in (x if isinstance(x, (list, tuple)) else [x]):
+            if isinstance(i, int) and i != tokenizer.unk_token_id and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def _generate_hf(model, tokenizer, prompts, cfg: GenConfig, desc: str):
     dev = next(model.parameters()).device
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
     out: List[Optional[str]] = [None] * len(prompts)
+    finished: List[bool] = [False] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in eos:
-        eos.append(end)
+    eos = stop_token_ids(model, tokenizer)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     try:
         from tqdm.auto import tqdm
@@ -82,37 +95,49 @@ def _generate_hf(model, tokenizer, prompts, cfg: GenConfig, desc: str) -> List[s
                 att[r, T - len(enc[i]):] = 1
             kw = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                       use_cache=True)
-            if cfg.temperature > 0:
+            sample = cfg.temperature > 0
+            if sample:
                 kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             else:
                 kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.no_grad():
+            # sampling draws from torch's global RNG: fork it, so generating leaves the
+            # caller's random state (e.g. a training run's) untouched
+            with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                if sample:
+                    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
                 gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw)
             for r, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[r, T:], skip_special_tokens=True).strip()
+                new_tokens = gen[r, T:].tolist()
+                finished[i] = any(t in eos for t in new_tokens)
+                out[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
             if bar is not None:
                 bar.update(len(idx))
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return out
+    return out, finished
 
 
-def _generate_vllm(model, tokenizer, prompts, cfg: GenConfig) -> List[str]:  # pragma: no cover
-    """vLLM on a snapshot of the current weights (GPU machines with vLLM only)."""
+def _generate_vllm(model, tokenizer, prompts, cfg: GenConfig):  # pragma: no cover
+    """vLLM on a snapshot of the current weights (GPU machines with vLLM only; not run in
+    this project's CI).  Prompts go in as token ids, tokenized as the HF path does (no
+    extra special tokens), with the same stop tokens."""
     from vllm import LLM, SamplingParams
 
+    eos = stop_token_ids(model, tokenizer)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tokenizer.save_pretrained(d)
         llm = LLM(model=d, seed=cfg.seed, dtype="auto", enforce_eager=True,
                   gpu_memory_utilization=float(os.environ.get("SGDPO_FAST_VLLM_MEM", "0.3")))
         sp = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            top_p=cfg.top_p)
-        res = llm.generate(list(prompts), sp)
+                            top_p=cfg.top_p, stop_token_ids=eos, skip_special_tokens=True)
+        ids = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
+               for p in prompts]
+        res = llm.generate(ids, sp)
         out = [r.outputs[0].text.strip() for r in res]
+        done = [r.outputs[0].finish_reason == "stop" for r in res]
         del llm
     torch.cuda.empty_cache()
-    return out
+    return out, done

@@ -43,6 +43,9 @@ def test_decide_drops_what_it_should():
     assert reasons == ["identical", "identical", "too_similar", "empty", "kept", "kept", "kept",
                        "kept", "kept", "ppl_high"]
     assert hi < 80.0
+    # a cut-off answer is dropped before the text rules, only when `finished` says so
+    reasons, _ = decide(["a", "b"], ["new one", "other"], [2.0, 2.0], finished=[True, False])
+    assert reasons == ["kept", "truncated"]
     # a low outlier, and a looser similarity threshold keeping the near-duplicate
     reasons, _ = decide(["a"] * 6, ["bb", "cc", "dd", "ee", "ff", "gg"],
                         [10.0, 10.5, 9.8, 10.2, 10.1, 0.5])
@@ -82,7 +85,7 @@ SFT = [{"prompt": f"Q{i}: repeat {w}", "response": w}
 def _fake_generate(calls):
     """Policy answers 'draft <prompt tail>'; the improver answers per prompt: unchanged,
     nearly unchanged, empty, or a real change."""
-    def gen(model, tokenizer, prompts, cfg=None, desc=""):
+    def gen(model, tokenizer, prompts, cfg=None, desc="", with_finished=False):
         calls.append(desc)
         out = []
         for p in prompts:
@@ -94,7 +97,9 @@ def _fake_generate(calls):
                            if idx < 4 else f"a clearly improved reply {idx}")
             else:
                 out.append("draft " + p.split("repeat ")[-1].split("<|im_end|>")[0])
-        return out
+        # the improvement of prompt 7 hit the token limit
+        done = [not ("Draft answer" in p and "Q7:" in p) for p in prompts]
+        return (out, done) if with_finished else out
     return gen
 
 
@@ -122,7 +127,8 @@ def test_sgpo_iteration_pairs_and_filters(tok, tmp_path, monkeypatch):
         assert p["ppl"] > 1.0 and math.isfinite(p["ppl"])  # a random model: ppl well above 1
     by_idx = {int(p["prompt"][1:p["prompt"].index(":")]): p for p in pairs}
     assert by_idx[0]["reason"] == "identical" and by_idx[1]["reason"] == "too_similar"
-    assert by_idx[2]["reason"] == "empty"
+    assert by_idx[2]["reason"] == "empty" and by_idx[7]["reason"] == "truncated"
+    assert by_idx[7]["improved_finished"] is False and by_idx[6]["improved_finished"] is True
     # Tukey fences over the perplexities of the changed answers, recomputed here
     changed = [p for p in pairs if p["reason"] in ("kept", "ppl_high", "ppl_low")]
     lo, hi = tukey_fences([p["ppl"] for p in changed])
@@ -131,7 +137,7 @@ def test_sgpo_iteration_pairs_and_filters(tok, tmp_path, monkeypatch):
     kept = read_jsonl(os.path.join(d, "kept.jsonl"))
     assert kept == [{"prompt": p["prompt"], "chosen": p["improved"], "rejected": p["original"]}
                     for p in pairs if p["kept"]]
-    assert s["kept"] == len(kept) >= 4
+    assert s["kept"] == len(kept) >= 3
     # improver examples: 8 improver prompts with the model's drafts + 8 plain policy examples
     assert s["improver_examples"] == 16 and s["preference"]["steps"] == 2
     assert os.path.isfile(os.path.join(d, "preference", "weights.pt"))

@@ -123,12 +123,44 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tok, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(tiny_model(4), tok, PAIRS, cfg, run, callbacks=[interrupt])
     assert os.listdir(os.path.join(run, "checkpoints")) == ["step-000003"]
-    res = train(tiny_model(4), tok, PAIRS, cfg, run, resume=True)
+    resumed = tiny_model(4)
+    res = train(resumed, tok, PAIRS, cfg, run, resume=True)
     assert res["steps"] == 4
     full = tiny_model(4)
     train(full, tok, PAIRS, cfg, str(tmp_path / "full"))
-    w1, w2 = _params(full), _params(tiny_model(4))
-    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # training changed the weights
+    w1, w2, w0 = _params(full), _params(resumed), _params(tiny_model(4))
+    assert any(not torch.equal(w1[k], w0[k]) for k in w1)  # training changed the weights
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+
+
+def test_precomputed_and_copied_reference_agree(tok, tmp_path):
+    """The stored per-token reference, scattered back into shuffled, ragged batches, equals
+    what a frozen copy computes on the same batches."""
+    model = tiny_model(9)
+    pre = make_objective(PAIRS, tok, _cfg(reference="precompute"))
+    cp = make_objective(PAIRS, tok, _cfg(reference="copy"))
+    pre.prepare(model, str(tmp_path))
+    cp.prepare(model, str(tmp_path))
+    for idx in ([3, 0], [4], [2, 1, 4]):
+        b = pre.batch(idx)
+        policy = token_logps(model, b)
+        torch.testing.assert_close(pre._ref(idx, b, policy), cp._ref(idx, b, policy),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_fresh_run_in_an_old_folder_keeps_nothing_of_it(tok, tmp_path):
+    run = str(tmp_path / "run")
+    cfg = _cfg(loss_type="sigmoid", max_steps=3, save_every=1, keep_checkpoints=5)
+    train(tiny_model(10), tok, PAIRS, cfg, run)
+    other = tiny_model(11)  # another model, same data: its own reference, its own checkpoints
+    train(other, tok, PAIRS, cfg.replace(max_steps=2), run)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step-000001", "step-000002"]
+    obj = make_objective(PAIRS, tok, cfg)
+    obj.prepare(tiny_model(11), str(tmp_path))
+    stored = torch.load(os.path.join(run, "reference_logps.pt"))["logps"]
+    for a, b in zip(stored, obj.ref_logps):
+        torch.testing.assert_close(a, b)
 
 
 def test_trainer_never_calls_the_full_logit_head(tok, tmp_path, monkeypatch):

@@ -4,6 +4,9 @@ A candidate pair is (prompt, original answer, improved answer, perplexity of
 the improved answer under the policy).  Decisions, in this order:
 
 * ``empty``        the improved answer is empty (after stripping);
+* ``truncated``    the original or the improved answer was cut at the generation limit
+                   (``finished`` False): training on it would teach the model to end
+                   answers mid-way (only when ``finished`` is given);
 * ``identical``    it equals the original after whitespace and case normalization;
 * ``too_similar``  difflib similarity of the normalized texts >= ``max_similarity``
                    (not a discernible change);
@@ -17,9 +20,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-REASONS = ("kept", "empty", "identical", "too_similar", "ppl_high", "ppl_low")
+REASONS = ("kept", "empty", "truncated", "identical", "too_similar", "ppl_high", "ppl_low")
 
 
 def normalize(text: str) -> str:
@@ -49,16 +52,22 @@ def tukey_fences(values: Sequence[float], k: float = 1.5) -> Tuple[float, float]
 
 
 def decide(originals: Sequence[str], improved: Sequence[str], ppl: Sequence[float], *,
-           tukey_k: float = 1.5, max_similarity: float = 0.9) -> Tuple[List[str], Tuple[float, float]]:
-    """The reason (see module doc) for each candidate, and the fences used."""
-    if not (len(originals) == len(improved) == len(ppl)):
-        raise ValueError("originals, improved and ppl must have one entry per candidate")
+           tukey_k: float = 1.5, max_similarity: float = 0.9,
+           finished: Optional[Sequence[bool]] = None) -> Tuple[List[str], Tuple[float, float]]:
+    """The reason (see module doc) for each candidate, and the fences used.  ``finished``:
+    per candidate, whether both its answers ended with a stop token."""
+    if finished is None:
+        finished = [True] * len(originals)
+    if not (len(originals) == len(improved) == len(ppl) == len(finished)):
+        raise ValueError("originals, improved, ppl (and finished) need one entry per candidate")
     if not 0 < max_similarity <= 1:
         raise ValueError(f"max_similarity must be in (0, 1], got {max_similarity}")
     reasons = []
-    for o, i in zip(originals, improved):
+    for o, i, f in zip(originals, improved, finished):
         if not i.strip():
             reasons.append("empty")
+        elif not f:
+            reasons.append("truncated")
         elif normalize(o) == normalize(i):
             reasons.append("identical")
         elif similarity(o, i) >= max_similarity:

@@ -29,7 +29,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import torch
@@ -51,6 +51,7 @@ class SGPOConfig:
     policy_mix: float = 1.0                    # plain policy examples per improver example
     tukey_k: float = 1.5
     max_similarity: float = 0.9
+    drop_truncated: bool = True                # drop pairs with an answer cut at max_new_tokens
     improver_template: str = IMPROVER_TEMPLATE
     seed: int = 0
     gen: GenConfig = field(default_factory=lambda: GenConfig(max_new_tokens=64))
@@ -77,7 +78,7 @@ class SGPOConfig:
 
 def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
                       system=None, batch_size: int = 8, max_length: int = 512,
-                      backend: str = "auto") -> List[float]:
+                      max_prompt_length: int = 256, backend: str = "auto") -> List[float]:
     """Per-token perplexity ``exp(-mean log p)`` of each answer (with its end-of-turn
     token) after its chat-formatted prompt, under ``model``; log-probs from the fused op."""
     out: List[float] = []
@@ -86,7 +87,8 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
     try:
         with torch.no_grad():
             for s in range(0, len(prompts), batch_size):
-                seqs = [encode(tokenizer, p, a, max_length=max_length, system=system)
+                seqs = [encode(tokenizer, p, a, max_length=max_length,
+                               max_prompt_length=max_prompt_length, system=system)
                         for p, a in zip(prompts[s:s + batch_size], answers[s:s + batch_size])]
                 b = collate(seqs, tokenizer.pad_token_id)
                 lp = token_logps(model, b, backend).float().cpu()
@@ -119,9 +121,9 @@ def _train_stage(model, tokenizer, records, cfg: TrainConfig, d: str, resume: bo
     tmp = os.path.join(d, "weights.pt.tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, os.path.join(d, "weights.pt"))
-    shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)
     info = {"steps": res["steps"], "last": res["last"]}
-    _mark_done(d, info)
+    _mark_done(d, info)  # first DONE, then the checkpoints go: a kill in between loses nothing
+    shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)
     return info
 
 
@@ -163,7 +165,8 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         prefs = list(pref_records) if pref_records is not None else list(sft_records)
         if cfg.n_pref_prompts is not None:
             prefs = rng_it.sample(prefs, min(cfg.n_pref_prompts, len(prefs)))
-        gen = cfg.gen
+        def gen(stage):  # a distinct sampling seed per iteration and stage
+            return replace(cfg.gen, seed=cfg.gen.seed + 1000 * it + stage)
 
         def pol(texts):
             return [chat_prompt(tokenizer, policy_prompt(t), sys_p) for t in texts]
@@ -176,30 +179,39 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         drafts = _cached_jsonl(os.path.join(d, "drafts.jsonl"), lambda: [
             {"prompt": r["prompt"], "draft": a, "response": r["response"]}
             for r, a in zip(imp_recs, generate(model, tokenizer, pol([r["prompt"] for r in imp_recs]),
-                                               gen, desc=f"iter {it}: drafts"))])
+                                               gen(0), desc=f"iter {it}: drafts"))])
         # 2. improver training (+ plain policy examples)
         sft = [{"prompt": improver_prompt(x["prompt"], x["draft"], cfg.improver_template),
                 "response": x["response"]} for x in drafts]
         n_mix = int(round(cfg.policy_mix * len(drafts)))
         sft += [{"prompt": x["prompt"], "response": x["response"]}
                 for x in (drafts * math.ceil(n_mix / max(1, len(drafts))))[:n_mix]]
-        imp_info = _train_stage(model, tokenizer, sft, cfg.improver_train.replace(seed=cfg.seed + it),
-                                os.path.join(d, "improver"), resume)
+        # both roles see the same system prompt in training and in generation
+        imp_cfg = cfg.improver_train.replace(seed=cfg.improver_train.seed + it, system_prompt=sys_p)
+        imp_info = _train_stage(model, tokenizer, sft, imp_cfg, os.path.join(d, "improver"), resume)
 
         # 3. on-policy answers, improved answers, perplexity of the improved ones
         def make_candidates():
             ps = [r["prompt"] for r in prefs]
-            orig = generate(model, tokenizer, pol(ps), gen, desc=f"iter {it}: answers")
-            better = generate(model, tokenizer, imp(ps, orig), gen, desc=f"iter {it}: improve")
+            orig, o_done = generate(model, tokenizer, pol(ps), gen(1), desc=f"iter {it}: answers",
+                                    with_finished=True)
+            better, b_done = generate(model, tokenizer, imp(ps, orig), gen(2),
+                                      desc=f"iter {it}: improve", with_finished=True)
+            pt = cfg.pref_train
             ppl = answer_perplexity(model, tokenizer, ps, better, system=sys_p,
-                                    max_length=cfg.pref_train.max_length, backend=cfg.pref_train.backend)
-            return [{"prompt": p, "original": o, "improved": b, "ppl": q if math.isfinite(q) else None}
-                    for p, o, b, q in zip(ps, orig, better, ppl)]
+                                    max_length=pt.max_length, max_prompt_length=pt.max_prompt_length,
+                                    backend=pt.backend)
+            return [{"prompt": p, "original": o, "improved": b, "ppl": q if math.isfinite(q) else None,
+                     "original_finished": od, "improved_finished": bd}
+                    for p, o, b, q, od, bd in zip(ps, orig, better, ppl, o_done, b_done)]
         cands = _cached_jsonl(os.path.join(d, "candidates.jsonl"), make_candidates)
         # 4. filters
         reasons, (lo, hi) = decide([c["original"] for c in cands], [c["improved"] for c in cands],
                                    [math.inf if c["ppl"] is None else c["ppl"] for c in cands], tukey_k=cfg.tukey_k,
-                                   max_similarity=cfg.max_similarity)
+                                   max_similarity=cfg.max_similarity,
+                                   finished=[not cfg.drop_truncated or (c.get("original_finished", True)
+                                                                        and c.get("improved_finished", True))
+                                             for c in cands])
         fin = lambda x: x if math.isfinite(x) else None  # JSON has no infinities
         decided = [dict(c, kept=r == "kept", reason=r, fence_lo=fin(lo), fence_hi=fin(hi))
                    for c, r in zip(cands, reasons)]
@@ -211,7 +223,8 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         # 5. preference optimization on the kept pairs
         pref_info = None
         if kept:
-            pref_info = _train_stage(model, tokenizer, kept, cfg.pref_train.replace(seed=cfg.seed + it),
+            pref_info = _train_stage(model, tokenizer, kept,
+                                     cfg.pref_train.replace(seed=cfg.pref_train.seed + it),
                                      os.path.join(d, "preference"), resume)
         summary = {"iteration": it, "improver_examples": len(sft), "improver": imp_info,
                    "candidates": len(cands), "kept": len(kept), "decisions": counts,

@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,7 +32,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import ckpt_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from .objectives import REF_FILE
 from .config import TrainConfig
 from .plot import plot_metrics
 
@@ -132,8 +134,14 @@ class Trainer:
         """Drop metric lines of steps after ``upto`` (recorded after the checkpoint)."""
         if not os.path.isfile(self.metrics_path):
             return
+        keep = []
         with open(self.metrics_path) as f:
-            keep = [l for l in f if l.strip() and json.loads(l)["step"] <= upto]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= upto:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError):
+                    pass  # a line torn by the kill, or blank
         with open(self.metrics_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.metrics_path + ".tmp", self.metrics_path)
@@ -152,8 +160,16 @@ class Trainer:
             en = getattr(self.model, "activation_checkpointing_enable", None) or \
                 self.model.gradient_checkpointing_enable
             en()
-        # the reference comes from the model as loaded, before a checkpoint replaces its weights
-        self.obj.prepare(self.model, self.out)
+        if not resume:  # a fresh run in an old folder keeps nothing of the old run
+            shutil.rmtree(ckpt_root(self.out), ignore_errors=True)
+            for f in (self.metrics_path, os.path.join(self.out, REF_FILE)):
+                if os.path.isfile(f):
+                    os.remove(f)
+            torch.manual_seed(self.cfg.seed)  # dropout etc.: a fresh run is reproducible
+        # the reference comes from the model as loaded, before a checkpoint replaces its
+        # weights, computed under the same autocast as the policy
+        with self._autocast():
+            self.obj.prepare(self.model, self.out)
         opt, sched = self._optimizer()
         step = 0
         ckpt = latest_checkpoint(self.out) if resume else None
@@ -162,7 +178,7 @@ class Trainer:
             self._truncate_metrics(step)
             print(f"[sgdpo_fast] resumed from {ckpt} (step {step}/{self.total_steps})", flush=True)
         elif os.path.isfile(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run in an old folder starts a fresh log
+            os.remove(self.metrics_path)
         last_saved = step
         self.model.train()
         try:
@@ -217,6 +233,9 @@ class Trainer:
             final = os.path.join(self.out, "final")
             self.model.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
+        if not last:  # resumed a finished run: report its last logged step
+            rows = [l for l in open(self.metrics_path)] if os.path.isfile(self.metrics_path) else []
+            last = json.loads(rows[-1]) if rows else {}
         return {"steps": step, "last": last, "metrics": self.metrics_path, "plot": plot,
                 "final": final, "out": self.out}
 
@@ -225,25 +244,28 @@ class Trainer:
 
     def _step(self, step: int, opt, sched) -> dict:
         micro = self.micro_batches(step)
-        n_items = sum(len(m) for m in micro)
+        weights = [self.obj.weight(idx) for idx in micro]
+        total_w = sum(weights) or 1.0
         opt.zero_grad(set_to_none=True)
         sums: dict = {}
         total = 0.0
-        for idx in micro:
+        for idx, wt in zip(micro, weights):
+            share = wt / total_w  # the step's loss is the weighted mean over its micro-batches
             with self._autocast():
-                loss, metrics, n = self.obj.loss(self.model, idx, self.generator)
-            (loss * (n / n_items)).backward()
-            total += loss.item() * n / n_items
+                loss, metrics = self.obj.loss(self.model, idx, self.generator)
+            (loss * share).backward()
+            total += loss.item() * share
             for k, v in metrics.items():
-                w = 1.0 if k == "tokens" else n / n_items
-                sums[k] = sums.get(k, 0.0) + v * w
+                sums[k] = sums.get(k, 0.0) + v * (1.0 if k == "tokens" else share)
         params = [p for p in self.model.parameters() if p.grad is not None]
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if params else torch.tensor(0.0)
+        if not (math.isfinite(total) and math.isfinite(float(gn))):
+            # before opt.step(): the weights stay as the last finished step left them
+            raise FloatingPointError(f"non-finite loss {total} / grad norm {float(gn)} at step "
+                                     f"{step + 1}; lower the learning rate or check the data")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        if not math.isfinite(total):
-            raise FloatingPointError(f"non-finite loss {total} at step {step + 1}")
         return {"loss": total, "lr": lr, "grad_norm": float(gn), **sums}
 
 

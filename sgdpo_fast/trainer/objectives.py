@@ -10,6 +10,7 @@ the default: no second model in memory), or a frozen copy of the initial model
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from typing import Dict, List, Sequence
 
@@ -66,13 +67,13 @@ class PreferenceObjective:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             return
         path = os.path.join(out_dir, REF_FILE)
-        lens = [s.n_answer for p in self.pairs for s in p]
+        fp = self.fingerprint()
         if os.path.isfile(path):
             saved = torch.load(path)
-            if [len(x) for x in saved] == lens:
-                self.ref_logps = saved
+            if isinstance(saved, dict) and saved.get("fingerprint") == fp:
+                self.ref_logps = saved["logps"]
                 return
-            print(f"[sgdpo_fast] {path} does not match the data; recomputing it", flush=True)
+            print(f"[sgdpo_fast] {path} was computed for other data; recomputing it", flush=True)
         was_training = model.training
         model.eval()
         out: List[torch.Tensor] = [None] * (2 * len(self.pairs))
@@ -94,8 +95,21 @@ class PreferenceObjective:
         model.train(was_training)
         self.ref_logps = out
         tmp = path + ".tmp"
-        torch.save(out, tmp)
+        torch.save({"fingerprint": fp, "logps": out}, tmp)
         os.replace(tmp, path)
+
+    def fingerprint(self) -> str:
+        """Hash of every tokenized pair (ids and labels): a stored reference is reused only
+        for the very same sequences."""
+        h = hashlib.sha256()
+        for pair in self.pairs:
+            for s in pair:
+                h.update(repr((s.input_ids, s.labels)).encode())
+        return h.hexdigest()
+
+    def weight(self, idx: Sequence[int]) -> float:
+        """Share of a micro-batch in its step's loss: its number of pairs."""
+        return float(len(idx))
 
     def _ref(self, idx, b, policy):
         if not self.needs_ref:
@@ -108,7 +122,7 @@ class PreferenceObjective:
         return policy.new_zeros(m.shape).masked_scatter(m, torch.cat(vals).to(policy.device))
 
     def loss(self, model, idx: Sequence[int], generator: torch.Generator):
-        """``(loss [], metrics {name: float}, n_pairs)`` for the pairs ``idx``."""
+        """``(loss [], metrics {name: float})`` for the pairs ``idx``."""
         c = self.cfg
         b = self.batch(idx)
         policy = token_logps(model, b, c.backend)
@@ -121,7 +135,7 @@ class PreferenceObjective:
             nll_alpha=c.nll_alpha)
         metrics: Dict[str, float] = {k: float(v) for k, v in out.metrics.items()}
         metrics["tokens"] = float(m.sum())
-        return out.loss, metrics, len(idx)
+        return out.loss, metrics
 
 
 class SFTObjective:
@@ -147,12 +161,17 @@ class SFTObjective:
     def prepare(self, model, out_dir: str) -> None:
         return None
 
+    def weight(self, idx: Sequence[int]) -> float:
+        """Share of a micro-batch in its step's loss: its answer tokens (so a step's loss is
+        the mean NLL over all its tokens, however they are split into micro-batches)."""
+        return float(sum(self.seqs[i].n_answer for i in idx))
+
     def loss(self, model, idx: Sequence[int], generator: torch.Generator):
         b = collate([self.seqs[i] for i in idx], self.pad_id)
         lp = token_logps(model, b, self.cfg.backend)
         n = answer_mask(b["labels"]).sum()
         loss = -lp.sum() / n.clamp(min=1)
-        return loss, {"nll": loss.item(), "tokens": float(n)}, len(idx)
+        return loss, {"nll": loss.item(), "tokens": float(n)}
 
 
 def make_objective(records, tokenizer, cfg: TrainConfig):
