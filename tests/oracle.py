@@ -40,3 +40,21 @@ def eager_logprobs(hidden, weight, targets, bias=None, ignore_index=-100):
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     out = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, out, torch.zeros_like(out))
+
+
+def rel_err(a, b) -> float:
+    """Relative error in norm, ``|a - b| / |b|``, computed in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def logp_rel_err(lp, ref):
+    """|lp - ref| relative to |ref| floored at 1: logp = z_target - lse is a difference of
+    two O(|lse|) fp32 numbers, so when p(target) -> 1 (logp -> 0) only an absolute
+    accuracy of a few eps * |lse| is attainable, and a pure relative error blows up."""
+    return (lp.double() - ref).abs() / ref.abs().clamp_min(1.0)
+
+
+def max_or_zero(x) -> float:
+    """max of a possibly empty (masked) selection; 0 when empty."""
+    return x.max().item() if x.numel() else 0.0

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import sgdpo_fast as sf
 from sgdpo_fast.distributed import (gathered_lm_head, lm_head_logprobs, shard_lm_head,
                                     vocab_parallel_token_logprobs, vocab_shard_range)
-from oracle import SEED, logprob_oracle
+from oracle import SEED, logprob_oracle, rel_err
 
 WORLD = 2
 # (N, D, V, bias, transform): odd V splits unevenly (12 / 11); V=3 gives a
@@ -206,9 +206,6 @@ def vp_results(seed, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- tests
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
 
 def test_vocab_shard_range_covers_vocab_unevenly():
     for V in (1, 2, 3, 23, 40, 49157):
@@ -250,18 +247,18 @@ def test_vocab_parallel_matches_single_process(vp_results, case):
     rs = [per_rank[r][case] for r in range(WORLD)]
     for r in range(WORLD):
         assert rs[r]["start"] == vocab_shard_range(V, r, WORLD)[0]
-        assert _rel(rs[r]["logp"], ref) < 1e-5
+        assert rel_err(rs[r]["logp"], ref) < 1e-5
         assert torch.allclose(rs[r]["logp"], single.detach(), rtol=1e-5, atol=1e-6)
         assert (rs[r]["logp"][t == -100] == 0).all()
-        assert _rel(rs[r]["dH"], ref_grads[0]) < 1e-4          # dH all-reduced: same on every rank
-        assert _rel(rs[r]["dH"], h.grad) < 1e-5
+        assert rel_err(rs[r]["dH"], ref_grads[0]) < 1e-4          # dH all-reduced: same on every rank
+        assert rel_err(rs[r]["dH"], h.grad) < 1e-5
     dW = torch.cat([rs[r]["dW"] for r in range(WORLD)])         # dW stays local to each shard
     assert dW.shape == w.shape
-    assert _rel(dW, ref_grads[1]) < 1e-4
-    assert _rel(dW, w.grad) < 1e-5
+    assert rel_err(dW, ref_grads[1]) < 1e-4
+    assert rel_err(dW, w.grad) < 1e-5
     if b is not None:
         db = torch.cat([rs[r]["db"] for r in range(WORLD)])
-        assert _rel(db, ref_grads[2]) < 1e-4
+        assert rel_err(db, ref_grads[2]) < 1e-4
 
 
 def test_ddp_gradients_equal_single_process(seed, tmp_path):
@@ -275,7 +272,7 @@ def test_ddp_gradients_equal_single_process(seed, tmp_path):
     _mean_nll(model, ids, labels, n_total).backward()
     for n, p in model.named_parameters():
         assert torch.allclose(g0[n], g1[n]), n  # all-reduced: identical on both ranks
-        assert _rel(g0[n], p.grad) < 1e-5, n
+        assert rel_err(g0[n], p.grad) < 1e-5, n
 
 
 def test_fsdp2_training_step_matches_single_process(seed, tmp_path):
@@ -290,8 +287,8 @@ def test_fsdp2_training_step_matches_single_process(seed, tmp_path):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     for n, p in model.named_parameters():
-        assert _rel(r0["grads"][n], grads[n]) < 1e-5, n
-        assert _rel(r0["params"][n], p.detach()) < 1e-6, n
+        assert rel_err(r0["grads"][n], grads[n]) < 1e-5, n
+        assert rel_err(r0["params"][n], p.detach()) < 1e-6, n
     assert not torch.allclose(r0["params"]["lm_head.weight"], init)  # the step moved the head
     assert r0["still_whole"] and r0["resharded"] and r0["refused"]
     assert torch.equal(r0["full_w"], r0["params"]["lm_head.weight"])
@@ -307,7 +304,7 @@ def test_lm_head_logprobs_plain_tensors_is_the_op():
     lp = lm_head_logprobs(h.bfloat16(), wq, t)
     lp.sum().backward()
     assert wq.grad.dtype == torch.float32
-    assert _rel(lp, logprob_oracle(h.bfloat16(), w.bfloat16(), t)) < 2e-2
+    assert rel_err(lp, logprob_oracle(h.bfloat16(), w.bfloat16(), t)) < 2e-2
 
 
 def test_deepspeed_zero3_gradients_equal_single_process(seed, tmp_path):
@@ -325,4 +322,4 @@ def test_deepspeed_zero3_gradients_equal_single_process(seed, tmp_path):
     ids, labels = _batch(seed)
     _mean_nll(model, ids, labels, (labels[:, 1:] != -100).sum()).backward()
     for n, p in model.named_parameters():
-        assert _rel(r0["grads"][n], p.grad) < 1e-5, n
+        assert rel_err(r0["grads"][n], p.grad) < 1e-5, n

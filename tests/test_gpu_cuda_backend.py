@@ -10,7 +10,7 @@ import torch
 from sgdpo_fast.ops import native
 from sgdpo_fast.ops.backends import cuda_backend, epilogue_torch, tiled
 from sgdpo_fast.ops.transform import LogitTransform
-from oracle import eager_logprobs, logprob_oracle
+from oracle import eager_logprobs, logprob_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -25,10 +25,6 @@ def ep():
     if e is None:  # a GPU machine without the extension is a failure, not a skip
         pytest.fail("CUDA extension neither built nor JIT-compiled: " + native.why_missing())
     return e
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
@@ -162,7 +158,7 @@ def test_cuda_driver_many_tiles_fp32_oracle(ep, monkeypatch, kw):
     assert torch.all(logp[~valid] == 0)
     assert ((logp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid].max() < 1e-5
     for a, c in zip(grads, torch.autograd.grad(ref, (h, w, b), up.double())):
-        assert _rel(a, c) < 1e-4
+        assert rel_err(a, c) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -178,4 +174,4 @@ def test_cuda_driver_half_tiles_no_worse_than_eager(ep, monkeypatch, dtype):
     eg = torch.autograd.grad(eag, (h, w), up)
     for a, c, e in zip((gh, gw), want, eg):
         assert a.dtype == dtype
-        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sgdpo_fast as sf
-from oracle import eager_logprobs, logprob_oracle
+from oracle import eager_logprobs, logprob_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["triton", "cuda", "torch"]
@@ -20,10 +20,6 @@ def _backend_or_skip(name):
             pytest.fail("cuda backend requested on a GPU machine but the CUDA extension did not "
                         "build: " + native.why_missing())
     return name
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _inputs(N, D, V, dtype, bias=False, seed=0):
@@ -52,7 +48,7 @@ def test_gpu_fp32_oracle(backend, kw):
     got = torch.autograd.grad(lp, (h, w, b), up)
     want = torch.autograd.grad(ref, (h, w, b), up.double())
     for a, c in zip(got, want):
-        assert _rel(a, c) < 1e-4
+        assert rel_err(a, c) < 1e-4
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -69,7 +65,7 @@ def test_gpu_bf16_large_vocab(backend, V):
     eg = torch.autograd.grad(eag, (h, w), up)
     for a, c, e in zip(got, want, eg):
         assert a.dtype == torch.bfloat16
-        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -87,7 +83,7 @@ def test_gpu_int64_indexing(backend):
     assert (lp[rows].double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
     # dH rows depend only on their own token: check the last rows against the oracle
     (wh,) = torch.autograd.grad(ref, (h,), up.double())  # only `rows` of h are touched
-    assert _rel(gh[rows], wh[rows]) < 2e-2
+    assert rel_err(gh[rows], wh[rows]) < 2e-2
     # the last vocabulary rows of dW receive gradient from targets V-1 (set in _inputs)
     assert torch.isfinite(gw).all() and gw[V - 1].abs().sum() > 0
 
@@ -122,8 +118,8 @@ def test_gpu_int64_weight_offsets(backend):
         ref_gh = sum(G[:, v0:v0 + 8192] @ w[v0:v0 + 8192].double() for v0 in range(0, V, 8192))
         ref_gw_tail = G[:, V - 64:].t() @ hd
     assert (lp.double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
-    assert _rel(gh, ref_gh) < 2e-2
-    assert _rel(gw[V - 64:], ref_gw_tail) < 2e-2
+    assert rel_err(gh, ref_gh) < 2e-2
+    assert rel_err(gw[V - 64:], ref_gw_tail) < 2e-2
 
 
 def test_gpu_memory_bf16_llama3_head():

@@ -22,7 +22,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 import sgdpo_fast.integrations.hf as hf_mod  # noqa: E402
 from sgdpo_fast.integrations import trl as sgtrl  # noqa: E402
 from sgdpo_fast.integrations.trl import SGDPOConfig, SGDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
-from oracle import SEED  # noqa: E402
+from oracle import SEED, rel_err  # noqa: E402
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue big small is was and or not yes no "
          "good bad hello world what why how user assistant").split()
@@ -95,10 +95,6 @@ def _loss_and_grads(trainer, batch):
     return loss.detach(), grads, metrics
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 class _Counter:
     def __init__(self, fn):
         self.fn, self.calls = fn, 0
@@ -129,7 +125,7 @@ def test_trl_loss_types_match_dpo_trainer(models_, tokenizer, dataset, tmp_path,
         assert counter.calls == 2  # policy and reference heads both ran our op
         assert not math.isclose(l1.item(), math.log(2), rel_tol=1e-4)
         assert torch.allclose(l2, l1, rtol=1e-5, atol=1e-7), (l1, l2)
-        assert _rel(g2, g1) < 1e-4
+        assert rel_err(g2, g1) < 1e-4
         for key in ("rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy",
                     "logits/chosen"):
             assert math.isclose(m1[key], m2[key], rel_tol=1e-4, abs_tol=1e-5), key
@@ -175,7 +171,7 @@ def test_sgdpo_with_unit_ratios_equal_length_is_half_dpo_gradient(models_, token
     l1, g1, _ = _loss_and_grads(dpo, batch)
     l2, g2, _ = _loss_and_grads(sg, batch)
     assert torch.allclose(l2, l1, rtol=1e-5)
-    assert _rel(g2, 0.5 * g1) < 1e-4
+    assert rel_err(g2, 0.5 * g1) < 1e-4
 
 
 def test_patch_trl_leaves_results_unchanged(models_, tokenizer, dataset, tmp_path, monkeypatch):
@@ -201,7 +197,7 @@ def test_patch_trl_leaves_results_unchanged(models_, tokenizer, dataset, tmp_pat
     assert tu._ChunkedLogProbFunction is original and not sgtrl.is_trl_patched()
     for l_, g_, m_ in ((l2, g2, m2), (l3, g3, m3)):
         assert torch.allclose(l_, l1, rtol=1e-5, atol=1e-7)
-        assert _rel(g_, g1) < 1e-4
+        assert rel_err(g_, g1) < 1e-4
         for key in ("rewards/margins", "entropy", "mean_token_accuracy", "logits/rejected"):
             assert math.isclose(m1[key], m_[key], rel_tol=1e-4, abs_tol=1e-5), key
 

@@ -11,7 +11,7 @@ import torch
 import sgdpo_fast as sf
 from sgdpo_fast.ops import backends
 from sgdpo_fast.ops.backends import cpu_backend, tiled
-from oracle import eager_logprobs, logprob_oracle
+from oracle import eager_logprobs, logp_rel_err, logprob_oracle, max_or_zero, rel_err
 
 CPU_BACKENDS = ["torch", "cpu"]
 TRANSFORMS = [
@@ -46,22 +46,6 @@ def _inputs(N, D, V, dtype=torch.float32, bias=False, ignore_frac=0.2, seed=None
     return h, w, b, t, up
 
 
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _logp_rel_err(lp, ref):
-    """|lp - ref| relative to |ref| floored at 1: logp = z_target - lse is a difference of
-    two O(|lse|) fp32 numbers, so when p(target) -> 1 (logp -> 0) only an absolute
-    accuracy of a few eps * |lse| is attainable, and a pure relative error blows up."""
-    return (lp.double() - ref).abs() / ref.abs().clamp_min(1.0)
-
-
-def _max(x):
-    """max of a possibly empty (masked) selection; 0 when empty."""
-    return x.max().item() if x.numel() else 0.0
-
-
 def _check_fp32(backend, N, D, V, bias, kw, tile_elems=None, monkeypatch=None):
     h, w, b, t, up = _inputs(N, D, V, bias=bias)
     lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, **kw)
@@ -70,14 +54,14 @@ def _check_fp32(backend, N, D, V, bias, kw, tile_elems=None, monkeypatch=None):
     valid = t != -100
     assert torch.all(lp[~valid] == 0)
     assert bool(valid.any())
-    rel = _logp_rel_err(lp, ref)[valid]
-    assert _max(rel) < 1e-5, _max(rel)
+    rel = logp_rel_err(lp, ref)[valid]
+    assert max_or_zero(rel) < 1e-5, max_or_zero(rel)
     inputs = [x for x in (h, w, b) if x is not None]
     got = torch.autograd.grad(lp, inputs, up)
     want = torch.autograd.grad(ref, inputs, up.double())
     for name, a, c in zip("hwb", got, want):
         assert a.dtype == torch.float32
-        assert _rel(a, c) < 1e-4, (name, _rel(a, c))
+        assert rel_err(a, c) < 1e-4, (name, rel_err(a, c))
     # ignored rows get exactly zero gradient
     assert torch.all(got[0][~valid] == 0)
 
@@ -158,7 +142,7 @@ def test_low_precision_no_worse_than_eager(backend, dtype):
     eag_g = torch.autograd.grad(eag, (h, w, b), up)
     for a, c, e in zip(got, want, eag_g):
         assert a.dtype == dtype
-        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3, (_rel(a, c), _rel(e, c))
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3, (rel_err(a, c), rel_err(e, c))
 
 
 @pytest.mark.parametrize("backend,epilogue", [
@@ -184,8 +168,8 @@ def test_large_softcap_small_logits(monkeypatch, backend, epilogue):
     lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, **kw)
     ref = logprob_oracle(h, w, t, bias=b, **kw)
     valid = t != -100
-    rel = _logp_rel_err(lp, ref)[valid]
-    assert _max(rel) < 1e-5, _max(rel)
+    rel = logp_rel_err(lp, ref)[valid]
+    assert max_or_zero(rel) < 1e-5, max_or_zero(rel)
     # logp ~ -log V + O(1e-3): the O(1e-3) part (the actual logit differences) must survive,
     # i.e. the error is a small fraction of the spread of logp around its mean
     spread = (ref[valid] - ref[valid].mean()).abs().max().item()
@@ -194,7 +178,7 @@ def test_large_softcap_small_logits(monkeypatch, backend, epilogue):
     got = torch.autograd.grad(lp, (h, w, b), up)
     want = torch.autograd.grad(ref, (h, w, b), up.double())
     for name, a, c in zip("hwb", got, want):
-        assert _rel(a, c) < 1e-4, (name, _rel(a, c))
+        assert rel_err(a, c) < 1e-4, (name, rel_err(a, c))
 
 
 def test_only_some_inputs_require_grad():
@@ -204,7 +188,7 @@ def test_only_some_inputs_require_grad():
     (gh,) = torch.autograd.grad(lp, (h,), up)
     ref = logprob_oracle(h, w2, t, bias=b.detach())
     (wh,) = torch.autograd.grad(ref, (h,), up.double())
-    assert _rel(gh, wh) < 1e-4
+    assert rel_err(gh, wh) < 1e-4
 
 
 def test_auto_backend_resolves_on_cpu():

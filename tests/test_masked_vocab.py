@@ -21,7 +21,7 @@ import sgdpo_fast as sf  # noqa: E402
 from sgdpo_fast.ops import backends  # noqa: E402
 from sgdpo_fast.ops.backends import cpu_backend, tiled  # noqa: E402
 from sgdpo_fast.ops.transform import LogitTransform  # noqa: E402
-from oracle import logprob_oracle  # noqa: E402
+from oracle import logp_rel_err, logprob_oracle, rel_err  # noqa: E402
 
 N, D, V = 13, 24, 203
 TILE_V = 32              # vocabulary tile of the cpu and triton backends below
@@ -89,17 +89,6 @@ def _inputs(where, seed):
     return h, w, b, t, up, finite
 
 
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _logp_rel_err(lp, ref):
-    """|lp - ref| relative to |ref| floored at 1: logp = z_target - lse is a difference of
-    two O(|lse|) fp32 numbers, so when p(target) -> 1 (logp -> 0) only an absolute
-    accuracy of a few eps * |lse| is attainable, and a pure relative error blows up."""
-    return (lp.double() - ref).abs() / ref.abs().clamp_min(1.0)
-
-
 @pytest.mark.parametrize("kw", TRANSFORMS, ids=lambda k: ",".join(k) or "plain")
 @pytest.mark.parametrize("where", ["last", "first"])
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
@@ -120,16 +109,16 @@ def test_masked_vocab_tiles_match_oracle(monkeypatch, config, where, kw):
     assert torch.isfinite(lp).all(), lp
     assert torch.isfinite(ref).all()
     assert torch.all(lp[~valid] == 0)
-    rel = _logp_rel_err(lp, ref)[valid]
+    rel = logp_rel_err(lp, ref)[valid]
     assert rel.numel() > 0 and rel.max().item() < 1e-5, rel.max().item()
 
     gh, gw, gb = torch.autograd.grad(lp, (h, w, b), up)
     rh, rw, rb = torch.autograd.grad(ref, (h, w, b), up.double())
     for name, a in (("h", gh), ("w", gw), ("b", gb)):
         assert torch.isfinite(a).all(), (name, a)
-    assert _rel(gh, rh) < 1e-4, ("h", _rel(gh, rh))
-    assert _rel(gw, rw) < 1e-4, ("w", _rel(gw, rw))
-    assert _rel(gb[finite], rb[finite]) < 1e-4, ("b", _rel(gb[finite], rb[finite]))
+    assert rel_err(gh, rh) < 1e-4, ("h", rel_err(gh, rh))
+    assert rel_err(gw, rw) < 1e-4, ("w", rel_err(gw, rw))
+    assert rel_err(gb[finite], rb[finite]) < 1e-4, ("b", rel_err(gb[finite], rb[finite]))
     assert torch.all(gh[~valid] == 0)
     if kw.get("softcap") is None:
         # masked entries have softmax 0: (almost) no gradient flows into them

@@ -6,7 +6,7 @@ import sgdpo_fast as sf
 from sgdpo_fast.ops import native
 from sgdpo_fast.ops.backends import cpu_backend, cuda_backend, epilogue_torch, tiled
 from sgdpo_fast.ops.transform import LogitTransform
-from oracle import eager_logprobs, logprob_oracle
+from oracle import eager_logprobs, logprob_oracle, rel_err
 
 # `make test` builds the extension, so its absence is a failure here, never a skip.
 EP = native.cpu_epilogue()
@@ -107,10 +107,6 @@ def test_cpu_backend_native_vs_oracle(monkeypatch, kw):
         assert ((a.double() - c).norm() / c.norm()).item() < 1e-4
 
 
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _problem(N, D, V, dtype=torch.float32, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
@@ -150,7 +146,7 @@ def test_tiled_driver_many_tiles_native_vs_oracle(monkeypatch, kw):
     assert ((logp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid].max() < 1e-5
     want = torch.autograd.grad(ref, (h, w, b), up.double())
     for a, c in zip(grads, want):
-        assert _rel(a, c) < 1e-4
+        assert rel_err(a, c) < 1e-4
 
 
 def test_cpu_backend_native_all_masked_and_tiny(monkeypatch):
@@ -194,7 +190,7 @@ def test_cuda_driver_on_cpu_fp32_vs_oracle(monkeypatch):
     valid = t != -100
     assert ((logp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid].max() < 1e-5
     for a, c in zip(grads, torch.autograd.grad(ref, (h, w, b), up.double())):
-        assert a.dtype == torch.float32 and _rel(a, c) < 1e-4
+        assert a.dtype == torch.float32 and rel_err(a, c) < 1e-4
 
 
 def test_cuda_driver_on_cpu_bf16_no_worse_than_eager(monkeypatch):
@@ -211,7 +207,7 @@ def test_cuda_driver_on_cpu_bf16_no_worse_than_eager(monkeypatch):
     eg = torch.autograd.grad(eag, (h, w), up)
     for a, c, e in zip((gh, gw), want, eg):
         assert a.dtype == torch.bfloat16
-        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 import sgdpo_fast as sf  # noqa: E402
 from sgdpo_fast.ops.backends import triton_backend  # noqa: E402
-from oracle import eager_logprobs, logprob_oracle  # noqa: E402
+from oracle import eager_logprobs, logp_rel_err, logprob_oracle, max_or_zero, rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,22 +49,6 @@ def _inputs(N, D, V, dtype=torch.float32, bias=False, seed=None):
     return h, w, b, t.to(DEV), up
 
 
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _logp_rel_err(lp, ref):
-    """|lp - ref| relative to |ref| floored at 1: logp = z_target - lse is a difference of
-    two O(|lse|) fp32 numbers, so when p(target) -> 1 (logp -> 0) only an absolute
-    accuracy of a few eps * |lse| is attainable, and a pure relative error blows up."""
-    return (lp.double() - ref).abs() / ref.abs().clamp_min(1.0)
-
-
-def _max(x):
-    """max of a possibly empty (masked) selection; 0 when empty."""
-    return x.max().item() if x.numel() else 0.0
-
-
 def _check_no_worse_than_eager(h, w, b, t, up, lp):
     """Low precision: error vs the fp64 oracle no worse than eager PyTorch's in the same
     dtype (forward max-abs, gradients relative norm), plus a small margin."""
@@ -79,7 +63,7 @@ def _check_no_worse_than_eager(h, w, b, t, up, lp):
     ref_e = torch.autograd.grad(eag, ins, up)
     for name, a, c, e in zip("hwb", got, want, ref_e):
         assert a.dtype == h.dtype
-        assert _rel(a, c) <= 1.25 * _rel(e, c) + 1e-3, (name, _rel(a, c), _rel(e, c))
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3, (name, rel_err(a, c), rel_err(e, c))
 
 
 @pytest.mark.parametrize("kw,bias", [
@@ -93,13 +77,13 @@ def test_triton_fp32_matches_oracle(kw, bias):
     valid = t != -100
     assert torch.all(lp[~valid] == 0)
     assert bool(valid.any())
-    rel = _logp_rel_err(lp, ref)[valid]
-    assert _max(rel) < 1e-5, _max(rel)
+    rel = logp_rel_err(lp, ref)[valid]
+    assert max_or_zero(rel) < 1e-5, max_or_zero(rel)
     ins = [x for x in (h, w, b) if x is not None]
     got = torch.autograd.grad(lp, ins, up)
     want = torch.autograd.grad(ref, ins, up.double())
     for a, c in zip(got, want):
-        assert a.dtype == torch.float32 and _rel(a, c) < 1e-4
+        assert a.dtype == torch.float32 and rel_err(a, c) < 1e-4
     assert torch.all(got[0][~valid] == 0)
 
 
@@ -111,7 +95,7 @@ def test_triton_only_bias_and_hidden_grads():
     got = torch.autograd.grad(lp, (h, b), up)
     want = torch.autograd.grad(ref, (h, b), up.double())
     for a, c in zip(got, want):
-        assert _rel(a, c) < 1e-4
+        assert rel_err(a, c) < 1e-4
 
 
 def test_triton_all_ignored():
@@ -150,14 +134,14 @@ def test_triton_large_softcap_small_logits():
     lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton", softcap=1e4)
     ref = logprob_oracle(h, w, t, bias=b, softcap=1e4)
     valid = t != -100
-    assert _max(_logp_rel_err(lp, ref)[valid]) < 1e-5, _max(_logp_rel_err(lp, ref)[valid])
+    assert max_or_zero(logp_rel_err(lp, ref)[valid]) < 1e-5, max_or_zero(logp_rel_err(lp, ref)[valid])
     spread = (ref[valid] - ref[valid].mean()).abs().max().item()
     err = (lp.double() - ref)[valid].abs().max().item()
     assert err < 1e-2 * spread, (err, spread)
     got = torch.autograd.grad(lp, (h, w, b), up)
     want = torch.autograd.grad(ref, (h, w, b), up.double())
     for name, a, c in zip("hwb", got, want):
-        assert _rel(a, c) < 1e-4, (name, _rel(a, c))
+        assert rel_err(a, c) < 1e-4, (name, rel_err(a, c))
 
 
 def test_triton_split_count_does_not_change_result():
@@ -185,4 +169,4 @@ def test_triton_backward_chunks_and_splits(monkeypatch, dtype):
     got = torch.autograd.grad(lp, (h, w, b), up)
     want = torch.autograd.grad(ref, (h, w, b), up.double())
     for a, c in zip(got, want):
-        assert a.dtype == dtype and _rel(a, c) < 1e-4, _rel(a, c)
+        assert a.dtype == dtype and rel_err(a, c) < 1e-4, rel_err(a, c)
