@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 demo: $(STAMP)
-	$(BIN)/python -m sgdpo_fast.demo
+	$(BIN)/python -m examples.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

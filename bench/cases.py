@@ -10,7 +10,8 @@ from typing import Dict, List
 
 import torch
 
-IGNORE_INDEX = -100
+from .baselines import IGNORE_INDEX  # noqa: F401  (re-exported for the bench modules)
+
 IGNORED_FRACTION = 0.05  # logprob workload: share of ignored target positions
 LOGIT_STD = 2.0          # weights scaled so the logits have about this standard deviation
 
@@ -100,15 +101,31 @@ def _gen(seed: int, device="cpu") -> torch.Generator:
     return g
 
 
-def make_logprob_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
+HEADS = ("random", "smollm2")
+
+
+def make_logprob_inputs(shape, dtype=torch.float32, device="cpu", seed=0, head="random"):
     """hidden [N, D] and weight [V, D] (``dtype``, requires grad), targets [N] int64 with
     ~5% ``IGNORE_INDEX``, grad [N] fp32 (the upstream gradient of the log-probs).
-    Drawn on ``device`` from ``seed`` (same seed and device -> same tensors)."""
+    Drawn on ``device`` from ``seed`` (same seed and device -> same tensors).
+    ``head="smollm2"``: the real LM head of the embedded SmolLM2-135M (D=576, V=49152) and
+    hidden states shaped like its final-norm output."""
     N, D, V = shape["N"], shape["D"], shape["V"]
     g = _gen(seed, device)
     kw = dict(generator=g, device=device)
-    hidden = torch.randn(N, D, **kw).to(dtype)
-    weight = (torch.randn(V, D, **kw) * (LOGIT_STD / D ** 0.5)).to(dtype)
+    hidden = torch.randn(N, D, **kw)
+    if head == "smollm2":
+        from .smollm2 import smollm2_head
+        weight, norm = smollm2_head()
+        if tuple(weight.shape) != (V, D):
+            raise ValueError(f"head='smollm2' is [{weight.shape[0]}, {weight.shape[1]}], "
+                             f"the shape asks for [{V}, {D}]")
+        weight, hidden = weight.to(device), hidden * norm.to(device)  # like RMSNorm output
+    elif head == "random":
+        weight = torch.randn(V, D, **kw) * (LOGIT_STD / D ** 0.5)
+    else:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     targets = torch.randint(0, V, (N,), **kw)
     targets[torch.rand(N, **kw) < IGNORED_FRACTION] = IGNORE_INDEX
     grad = torch.randn(N, **kw)
@@ -145,9 +162,9 @@ def make_loss_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
             "ref_hidden": ref_hidden, "ref_weight": ref_weight, "targets": targets}
 
 
-def make_inputs(workload, shape, dtype=torch.float32, device="cpu", seed=0):
+def make_inputs(workload, shape, dtype=torch.float32, device="cpu", seed=0, head="random"):
     if workload == "logprob":
-        return make_logprob_inputs(shape, dtype, device, seed)
+        return make_logprob_inputs(shape, dtype, device, seed, head)
     if workload == "loss":
         return make_loss_inputs(shape, dtype, device, seed)
     raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")

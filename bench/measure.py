@@ -190,7 +190,7 @@ def execute(spec: Dict, memory_mode: str = "auto", inputs=None, to_cpu: bool = F
     extra run the accuracy check needs.  Returns ``(row, outputs)``; exceptions propagate.
 
     spec: workload, method, shape (dict), dtype (name), device, and optional reps, budget_s,
-    warmup, memory, accuracy, seed.  ``memory_mode``: "cuda", "rss" or "auto" (cuda on a
+    warmup, memory, accuracy, seed, head (``cases.HEADS``).  ``memory_mode``: "cuda", "rss" or "auto" (cuda on a
     CUDA device, none on CPU: peak RSS only means something in a process that runs
     nothing else, ``execute_isolated``).  ``inputs``: the case's tensors when the caller
     made them already (same spec and seed), else they are made here.  ``to_cpu``: move
@@ -200,7 +200,8 @@ def execute(spec: Dict, memory_mode: str = "auto", inputs=None, to_cpu: bool = F
     method = BY_NAME[spec["method"]]
     dtype = cases.parse_dtype(spec["dtype"])
     if inputs is None:
-        inputs = cases.make_inputs(workload, spec["shape"], dtype, device, spec["seed"])
+        inputs = cases.make_inputs(workload, spec["shape"], dtype, device, spec["seed"],
+                                   spec.get("head", "random"))
     fn = method.build(device)
     step, zero = _make_step(workload, fn, inputs)
     row: Dict = {}
@@ -286,7 +287,7 @@ def execute_isolated(spec: Dict, timeout_s: float = 3600.0):
                 raise CaseFailed("OOM", "killed by SIGKILL (out-of-memory killer?)")
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
             raise CaseFailed("error", f"bench.one exited with {proc.returncode}: {tail[0][:300]}")
-        res = torch.load(res_path, weights_only=False)
+        res = torch.load(res_path, weights_only=True)
     if res["status"] != "ok":
         raise CaseFailed(res["status"], res["reason"])
     return res["row"], res["outputs"]

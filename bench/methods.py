@@ -16,15 +16,14 @@ accuracy check (SGDPO with pilot ratios 1: see ``reference.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .baselines import eager_logprobs
 from .cases import IGNORE_INDEX
 
 BETA = 0.1
@@ -65,16 +64,6 @@ def _masked_scatter_back(values, mask):
 
 
 # --------------------------------------------------------------------------- logprob: eager
-
-def eager_logprobs(hidden, weight, targets):
-    """What users write: materialized logits (input dtype), fp32 log_softmax, gather."""
-    logits = hidden @ weight.t()
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    valid = targets != IGNORE_INDEX
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    out = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, out, torch.zeros_like(out))
-
 
 def _build_eager(device, accuracy=False):
     return eager_logprobs
@@ -156,18 +145,7 @@ def _build_cce(device, accuracy=False):
 
 # --------------------------------------------------------------------------- logprob: ours
 
-@contextlib.contextmanager
-def _cpu_epilogue(kind):
-    from sgdpo_fast.ops.backends import cpu_backend
-    old = cpu_backend.EPILOGUE
-    cpu_backend.EPILOGUE = kind
-    try:
-        yield
-    finally:
-        cpu_backend.EPILOGUE = old
-
-
-def _ours_check(backend, epilogue=None):
+def _ours_check(backend):
     def check(device):
         why = _import_error("sgdpo_fast")
         if why:
@@ -176,54 +154,27 @@ def _ours_check(backend, epilogue=None):
             return "the cpu backend runs on CPU tensors"
         if backend in ("triton", "cuda") and device != "cuda":
             return f"the {backend} backend needs a CUDA device"
-        if backend == "cpu" and epilogue == "native":
-            from sgdpo_fast.ops import native
-            if native.cpu_epilogue() is None:
-                return f"C++ extension not built ({native.why_missing()})"
+        try:
+            from sgdpo_fast.ops import backends
+            backends.resolve(backend, device)
+        except ValueError as exc:
+            return str(exc)
         if backend == "cuda":
             from sgdpo_fast.ops import native
             if native.cuda_epilogue() is None:
                 return f"CUDA extension not built ({native.why_missing()})"
-        if backend in ("triton", "cuda"):
-            why = _import_error(f"sgdpo_fast.ops.backends.{backend}_backend")
-            if why:
-                return why
         return None
     return check
 
 
-def _ours_build(backend, epilogue=None):
+def _ours_build(backend):
     def build(device, accuracy=False):
         import sgdpo_fast as sf
 
         def fn(hidden, weight, targets):
-            if epilogue is None:
-                return sf.fused_token_logprobs(hidden, weight, targets, backend=backend)
-            from sgdpo_fast.ops.backends import cpu_backend
-            previous = cpu_backend.EPILOGUE
-            # The cpu backend reads EPILOGUE at call time, in forward and in backward: set it
-            # around the forward here, and around the op's backward with two identity nodes.
-            hidden = _SetEpilogue.apply(hidden, previous)      # backward runs after the op's
-            with _cpu_epilogue(epilogue):
-                out = sf.fused_token_logprobs(hidden, weight, targets, backend=backend)
-            return _SetEpilogue.apply(out, epilogue)           # backward runs before the op's
+            return sf.fused_token_logprobs(hidden, weight, targets, backend=backend)
         return fn
     return build
-
-
-class _SetEpilogue(torch.autograd.Function):
-    """Identity whose backward sets ``cpu_backend.EPILOGUE`` to ``epilogue``."""
-
-    @staticmethod
-    def forward(ctx, x, epilogue):
-        ctx.epilogue = epilogue
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        from sgdpo_fast.ops.backends import cpu_backend
-        cpu_backend.EPILOGUE = ctx.epilogue
-        return g, None
 
 
 # --------------------------------------------------------------------------- loss: eager
@@ -306,33 +257,25 @@ def _build_liger_dpo(device, accuracy=False):
 # --------------------------------------------------------------------------- loss: ours
 
 def _check_ours_loss(device):
-    why = _import_error("sgdpo_fast.losses")
-    if why:
-        return why
-    if not hasattr(importlib.import_module("sgdpo_fast.losses"), "FusedLinearPreferenceLoss"):
-        return "sgdpo_fast.losses has no FusedLinearPreferenceLoss yet"
-    return None
+    return _import_error("sgdpo_fast.losses")
 
 
 def _ours_loss_build(loss_type):
     def build(device, accuracy=False):
         from sgdpo_fast.losses import FusedLinearPreferenceLoss
-        kwargs = dict(loss_type=loss_type, beta=BETA)
-        params = inspect.signature(FusedLinearPreferenceLoss).parameters
+        kwargs = dict(loss_type=loss_type, beta=BETA, ignore_index=IGNORE_INDEX)
         if loss_type == "sgdpo" and accuracy:
             kwargs.update(pilot_ratio_chosen=1.0, pilot_ratio_rejected=1.0)
-        if "ignore_index" in params:
-            kwargs["ignore_index"] = IGNORE_INDEX
         loss_fn = FusedLinearPreferenceLoss(**kwargs)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0)
-        takes_gen = "generator" in inspect.signature(loss_fn.forward).parameters
 
         def fn(inputs):
-            extra = {"generator": gen} if (takes_gen and loss_type == "sgdpo") else {}
-            out = loss_fn(inputs["weight"], inputs["hidden"], inputs["targets"], None,
-                          ref_hidden=inputs["ref_hidden"], ref_weight=inputs["ref_weight"], **extra)
-            return out[0] if isinstance(out, tuple) else out
+            extra = {"generator": gen} if loss_type == "sgdpo" else {}
+            loss, _ = loss_fn(inputs["weight"], inputs["hidden"], inputs["targets"], None,
+                              ref_hidden=inputs["ref_hidden"], ref_weight=inputs["ref_weight"],
+                              **extra)
+            return loss
         return fn
     return build
 
@@ -351,14 +294,13 @@ METHODS: List[Method] = [
            _build_liger_flce),
     Method("cce", "logprob", "Cut Cross-Entropy linear_cross_entropy", _check_cce, _build_cce,
            notes="impl=cce on CUDA (default filter_eps), torch_compile on CPU"),
-    Method("ours_cpu_native", "logprob", "ours: cpu backend, C++ epilogue",
-           _ours_check("cpu", "native"), _ours_build("cpu", "native")),
-    Method("ours_cpu_torch", "logprob", "ours: cpu backend, torch epilogue",
-           _ours_check("cpu", "torch"), _ours_build("cpu", "torch")),
+    Method("ours_cpu", "logprob", "ours: cpu backend (C++ epilogue)", _ours_check("cpu"),
+           _ours_build("cpu")),
     Method("ours_triton", "logprob", "ours: triton backend", _ours_check("triton"), _ours_build("triton")),
     Method("ours_cuda", "logprob", "ours: cuda backend (cuBLAS + CUDA epilogue)", _ours_check("cuda"),
            _ours_build("cuda")),
-    Method("ours_torch", "logprob", "ours: torch backend", _ours_check("torch"), _ours_build("torch")),
+    Method("ours_torch", "logprob", "ours: torch backend (torch epilogue)", _ours_check("torch"),
+           _ours_build("torch")),
     # workload (b): the whole preference loss, reference forward included
     Method("eager_dpo", "loss", "eager TRL-style DPO (materialized logits)", _always, _build_eager_dpo),
     Method("eager_sgdpo", "loss", "eager SGDPO (materialized logits)", _always, _build_eager_sgdpo,

@@ -127,27 +127,29 @@ def _logprob_bwd_dw_kernel(
         tl.atomic_add(db_ptr + cols, db, mask=col_ok)
 
 
-def _splits(blocks_in_chunk, total_len, block):
-    """Split the swept dimension so one launch has about TARGET_PROGRAMS programs."""
+def _splits(blocks_in_chunk, total_len, block, target_programs):
+    """Split the swept dimension so one launch has about ``target_programs`` programs."""
     tiles = triton.cdiv(total_len, block)
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, blocks_in_chunk)))
+    splits = max(1, min(tiles, triton.cdiv(target_programs, blocks_in_chunk)))
     per_split = triton.cdiv(tiles, splits) * block
     return triton.cdiv(total_len, per_split), per_split
 
 
-def _chunk_rows(D, block, total):
-    rows = max(block, (SCRATCH_BYTES // (4 * D)) // block * block)
+def _chunk_rows(D, block, total, scratch_bytes):
+    rows = max(block, (scratch_bytes // (4 * D)) // block * block)
     return min(rows, triton.cdiv(total, block) * block)
 
 
 def logprob_backward(hidden, weight, bias, targets, lse, grad, need_hidden=True, need_weight=True,
                      need_bias=False, logit_scale=1.0, softcap=None, temperature=1.0,
                      block_n=BLOCK_N, block_v=BLOCK_V, block_d=BLOCK_D,
-                     num_warps=NUM_WARPS, num_stages=NUM_STAGES):
+                     num_warps=NUM_WARPS, num_stages=NUM_STAGES, target_programs=TARGET_PROGRAMS,
+                     scratch_bytes=SCRATCH_BYTES):
     """Launch the backward kernels.
 
     hidden  [N, D] fp32/bf16/fp16 contiguous; weight [V, D] same dtype; bias [V] or None
-    targets [N] int64; lse [N] fp32 (from the forward); grad [N] fp32, zero at ignored rows
+    targets [N] int64 (an id in [0, V), or any other value: no target in this range);
+    lse [N] fp32 (from the forward); grad [N] fp32
     returns (dH [N, D], dW [V, D], db [V]) in the input dtype, None where not needed;
     accumulation in fp32 (see the module docstring for the scratch buffer).
     """
@@ -169,14 +171,14 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad, need_hidden=True,
     dH = dW = db = None
     if need_hidden:
         dH = torch.zeros((N, D), dtype=dt, device=dev)
-        rows = _chunk_rows(D, block_n, N)
+        rows = _chunk_rows(D, block_n, N, scratch_bytes)
         if not fp32:
             scratch = torch.empty(rows * D, dtype=torch.float32, device=dev)
         for n0 in range(0, N, rows):
             n1 = min(N, n0 + rows)
             acc = dH[n0:n1] if fp32 else scratch[: (n1 - n0) * D].view(n1 - n0, D).zero_()
             blocks = triton.cdiv(n1 - n0, block_n)
-            splits, per_split = _splits(blocks, V, block_v)
+            splits, per_split = _splits(blocks, V, block_v, target_programs)
             _logprob_bwd_dh_kernel[(blocks, splits)](
                 hidden, weight, b_arg, targets, lse, grad, acc, n0, n1, V, D, per_split,
                 hidden.stride(0), weight.stride(0), **common)
@@ -186,7 +188,7 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad, need_hidden=True,
     if need_weight or need_bias:
         db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
         dW = torch.zeros((V, D), dtype=dt, device=dev) if need_weight else None
-        rows = _chunk_rows(D, block_v, V) if need_weight else triton.cdiv(V, block_v) * block_v
+        rows = _chunk_rows(D, block_v, V, scratch_bytes) if need_weight else triton.cdiv(V, block_v) * block_v
         if need_weight and not fp32 and (scratch is None or scratch.numel() < rows * D):
             scratch = torch.empty(rows * D, dtype=torch.float32, device=dev)
         for v0 in range(0, V, rows):
@@ -196,7 +198,7 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad, need_hidden=True,
             else:
                 acc = lse  # unused when NEED_DW is False
             blocks = triton.cdiv(v1 - v0, block_v)
-            splits, per_split = _splits(blocks, N, block_n)
+            splits, per_split = _splits(blocks, N, block_n, target_programs)
             _logprob_bwd_dw_kernel[(blocks, splits)](
                 hidden, weight, b_arg, targets, lse, grad, acc,
                 db32 if db32 is not None else lse, v0, v1, N, D, per_split,

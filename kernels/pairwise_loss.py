@@ -5,8 +5,8 @@ log-probs over the chosen response, the rejected response and (SGDPO) the two
 pilot subsets; then the loss-side log-ratios, the loss, the reported
 quantities, and the per-token gradient weights ``d loss_pair / d logp_t``.
 The math is the same as ``sgdpo_fast/losses/formulas.py`` (the torch path,
-which is also the oracle of the kernel's tests); the loss codes are
-``formulas.LOSS_CODE``.  Accumulation in fp32 whatever the input dtype.
+which is also the oracle of the kernel's tests); loss codes and stats columns are
+``pairwise_codes.py``'s.  Accumulation in fp32 whatever the input dtype.
 
 Importing this module imports triton; under ``TRITON_INTERPRET=1`` it runs on
 CPU tensors (tests).
@@ -17,12 +17,28 @@ import torch
 import triton
 import triton.language as tl
 
+from .pairwise_codes import (COL_LOGP_L, COL_LOGP_W, COL_LOSS, COL_PIL_L, COL_PIL_W, COL_REW_L,
+                             COL_REW_W, COL_SUM_W, LOSS_CODE, N_STATS)
+
 BLOCK_T = 256          # tokens per step of the loops over a row
 NUM_WARPS = 4
-N_STATS = 8            # columns of ``stats`` (see sgdpo_fast/losses/pairwise.py COL_*)
 
-# loss codes, equal to sgdpo_fast.losses.formulas.LOSS_CODE
-SIGMOID, IPO, HINGE, ROBUST, SIMPO, SGDPO = 0, 1, 2, 3, 4, 5
+# loss codes as compile-time constants of the kernel (values: pairwise_codes.LOSS_CODE)
+SIGMOID = tl.constexpr(LOSS_CODE["sigmoid"])
+IPO = tl.constexpr(LOSS_CODE["ipo"])
+HINGE = tl.constexpr(LOSS_CODE["hinge"])
+ROBUST = tl.constexpr(LOSS_CODE["robust"])
+SIMPO = tl.constexpr(LOSS_CODE["simpo"])
+SGDPO = tl.constexpr(LOSS_CODE["sgdpo"])
+# stats columns, likewise
+C_LOSS = tl.constexpr(COL_LOSS)
+C_LOGP_W = tl.constexpr(COL_LOGP_W)
+C_LOGP_L = tl.constexpr(COL_LOGP_L)
+C_REW_W = tl.constexpr(COL_REW_W)
+C_REW_L = tl.constexpr(COL_REW_L)
+C_PIL_W = tl.constexpr(COL_PIL_W)
+C_PIL_L = tl.constexpr(COL_PIL_L)
+C_SUM_W = tl.constexpr(COL_SUM_W)
 
 
 @triton.jit
@@ -45,8 +61,9 @@ def _sigmoid(x):
 
 @triton.jit
 def _cdpo(z, eps):
-    """(1-eps)*softplus(-z) + eps*softplus(z) and its derivative in z."""
-    val = (1.0 - eps) * _softplus(-z) + eps * _softplus(z)
+    """(1-eps)*softplus(-z) + eps*softplus(z) and its derivative in z (the eps term is
+    skipped when eps = 0: 0 * softplus(+inf) would be NaN where the loss is 0)."""
+    val = (1.0 - eps) * _softplus(-z) + tl.where(eps > 0, eps * _softplus(z), 0.0)
     d = -(1.0 - eps) * _sigmoid(-z) + eps * _sigmoid(z)
     return val, d
 
@@ -63,7 +80,7 @@ def _pairwise_loss_kernel(
     rw = pid          # chosen row
     rl = pid + B      # rejected row
     offs0 = tl.arange(0, BLOCK)
-    IS_SGDPO: tl.constexpr = LOSS_TYPE == 5
+    IS_SGDPO: tl.constexpr = LOSS_TYPE == SGDPO
 
     # ---- pass 1: segment sums (vector accumulators, reduced once at the end)
     s_w = tl.zeros([BLOCK], tl.float32)
@@ -116,7 +133,7 @@ def _pairwise_loss_kernel(
     N_l = tl.sum(n_l, 0)
 
     # ---- sequence log-probs on the reward side: sums, or means with AVG (SimPO always means)
-    if AVG or LOSS_TYPE == 4:
+    if AVG or LOSS_TYPE == SIMPO:
         lp_w = S_w / N_w
         lp_l = S_l / N_l
         dr_w = D_w / N_w
@@ -127,7 +144,7 @@ def _pairwise_loss_kernel(
         dr_w = D_w
         dr_l = D_l
     # loss side: IPO and SimPO always average (TRL)
-    if AVG or LOSS_TYPE == 1 or LOSS_TYPE == 4:
+    if AVG or LOSS_TYPE == IPO or LOSS_TYPE == SIMPO:
         a_w = N_w
         a_l = N_l
     else:
@@ -142,7 +159,7 @@ def _pairwise_loss_kernel(
     ap_l = a_l
     d_pw = rho_w * 0.0
     d_pl = rho_w * 0.0
-    if LOSS_TYPE == 5:
+    if IS_SGDPO:
         K_w = tl.sum(k_w, 0)
         K_l = tl.sum(k_l, 0)
         if AVG:
@@ -160,41 +177,42 @@ def _pairwise_loss_kernel(
         d_l = -0.5 * beta * h2
         d_pw = 0.5 * beta * h2
         d_pl = -0.5 * beta * h1
-    elif LOSS_TYPE == 1:
+    elif LOSS_TYPE == IPO:
         u = rho_w - rho_l - 1.0 / (2.0 * beta)
         loss = u * u
         d_w = 2.0 * u
         d_l = -d_w
-    elif LOSS_TYPE == 2:
+    elif LOSS_TYPE == HINGE:
         u = 1.0 - beta * (rho_w - rho_l)
         loss = tl.maximum(u, 0.0)
         d_w = tl.where(u > 0, -beta, 0.0)
         d_l = -d_w
-    elif LOSS_TYPE == 3:
+    elif LOSS_TYPE == ROBUST:
         z = beta * (rho_w - rho_l)
-        loss = ((1.0 - eps) * _softplus(-z) - eps * _softplus(z)) / (1.0 - 2.0 * eps)
+        loss = ((1.0 - eps) * _softplus(-z) - tl.where(eps > 0, eps * _softplus(z), 0.0)) \
+            / (1.0 - 2.0 * eps)
         d_w = beta * (-(1.0 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1.0 - 2.0 * eps)
         d_l = -d_w
-    elif LOSS_TYPE == 4:
+    elif LOSS_TYPE == SIMPO:
         v, h = _cdpo(beta * (rho_w - rho_l) - gamma, eps)
         loss = v
         d_w = beta * h
         d_l = -d_w
-    else:
+    else:  # SIGMOID
         v, h = _cdpo(beta * (rho_w - rho_l), eps)
         loss = v
         d_w = beta * h
         d_l = -d_w
 
     out = STATS + pid * N_OUT
-    tl.store(out + 0, loss)
-    tl.store(out + 1, lp_w)
-    tl.store(out + 2, lp_l)
-    tl.store(out + 3, beta * dr_w)
-    tl.store(out + 4, beta * dr_l)
-    tl.store(out + 5, beta * pil_w)
-    tl.store(out + 6, beta * pil_l)
-    tl.store(out + 7, S_w)
+    tl.store(out + C_LOSS, loss)
+    tl.store(out + C_LOGP_W, lp_w)
+    tl.store(out + C_LOGP_L, lp_l)
+    tl.store(out + C_REW_W, beta * dr_w)
+    tl.store(out + C_REW_L, beta * dr_l)
+    tl.store(out + C_PIL_W, beta * pil_w)
+    tl.store(out + C_PIL_L, beta * pil_l)
+    tl.store(out + C_SUM_W, S_w)
 
     # ---- pass 2: per-token gradient weights d loss_pair / d logp_t (0 outside the response)
     c_w = d_w / a_w
@@ -228,7 +246,7 @@ def pairwise_loss_fwd(policy: torch.Tensor, ref, mask: torch.Tensor, pilot, *, l
     ref     [2B, T] same layout (any float dtype) or None (SimPO)
     mask    [2B, T] uint8, 1 on response tokens (each row has at least one)
     pilot   [2B, T] uint8 subset of mask (SGDPO) or None
-    Returns ``stats`` [B, 8] fp32 (columns as ``sgdpo_fast.losses.pairwise.COL_*``) and
+    Returns ``stats`` [B, N_STATS] fp32 (columns ``pairwise_codes.COL_*``) and
     ``grad`` [2B, T] fp32, ``d loss_pair / d policy[t]`` (no 1/B, no NLL term).
     """
     B2, T = policy.shape
@@ -239,7 +257,7 @@ def pairwise_loss_fwd(policy: torch.Tensor, ref, mask: torch.Tensor, pilot, *, l
         return stats, grad
     has_ref = ref is not None
     ref_ = ref if has_ref else policy
-    is_sgdpo = loss_code == SGDPO
+    is_sgdpo = loss_code == LOSS_CODE["sgdpo"]
     if is_sgdpo and pilot is None:
         raise ValueError("pilot must be given for the sgdpo loss")
     pilot_ = pilot if pilot is not None else mask

@@ -1,18 +1,16 @@
-"""sgdpo_fast: fused, memory-lean preference optimization (DPO family, SGDPO, SGPO)."""
+"""sgdpo_fast: fused, memory-lean preference optimization (DPO family, SGDPO, SGPO).
+
+Layers (each imports only the ones below it; docs/design.md draws them):
+``ops`` (the log-prob op) <- ``losses`` <- ``model`` (Hugging Face causal LMs: head path,
+sharded heads, loading, generation) <- ``trainer`` / ``sgpo`` / ``integrations`` <- ``cli``.
+The Triton kernels live in the top-level folder ``kernels/``, installed as
+``sgdpo_fast.kernels`` (run from a source tree after ``pip install -e .``).
+"""
 from __future__ import annotations
 
 import importlib as _importlib
-import os as _os
 
-# The Triton kernels live in the top-level folder kernels/ and are installed as
-# sgdpo_fast.kernels (setup.py).  When running from a source tree without an
-# install, make that folder importable under the same name.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and \
-        _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
-    __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
-
-from .ops import fused_token_logprobs  # noqa: E402
+from .ops import LogprobPlan, fused_token_logprobs
 
 __version__ = "0.1.0"
 
@@ -25,7 +23,7 @@ _LAZY = {
     "apply_fused_lm_head": "sgdpo_fast.integrations.hf",
 }
 
-__all__ = ["fused_token_logprobs", "__version__", *_LAZY]
+__all__ = ["fused_token_logprobs", "LogprobPlan", "__version__", *_LAZY]
 
 
 def __getattr__(name):

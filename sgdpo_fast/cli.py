@@ -3,8 +3,9 @@
     sgdpo-fast train --data prefs.jsonl --out runs/x [--model M] [--loss-type sgdpo] ...
     sgdpo-fast sgpo  --out runs/y [--data bundled:train] [--iterations 1] ...
     sgdpo-fast eval  [--model M] [--data bundled:heldout]
-    sgdpo-fast demo  [--quick] [--head]     the end-to-end CPU demo (or the op alone)
-    sgdpo-fast bench [bench options]        the benchmark suite (needs the source tree)
+
+The demo (``make demo``, ``python -m examples.demo``) and the benchmark (``python -m
+bench``) live in the source tree, beside the package.
 
 ``--model`` is a local Hugging Face folder (a run's ``final/`` works) or
 ``embedded:smollm2-135m`` (default).  Every run writes into ``--out`` and
@@ -29,20 +30,6 @@ _TRAIN_FLAGS = {
     "grad_accum": int, "max_length": int, "max_prompt_length": int, "seed": int,
     "save_every": int, "keep_checkpoints": int, "backend": str, "system_prompt": str,
 }
-
-
-def _bench(argv):
-    try:
-        from bench.runner import main as bench_main
-    except ImportError:
-        # the benchmark lives in the source tree, next to the package
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if not os.path.isfile(os.path.join(root, "bench", "runner.py")):
-            raise SystemExit("sgdpo-fast bench needs the source tree (its bench/ folder); "
-                             "run it from a checkout of sgdpo_fast")
-        sys.path.insert(0, root)
-        from bench.runner import main as bench_main
-    return bench_main(argv)
 
 
 def _add_model(ap):
@@ -84,7 +71,7 @@ def _load_for_training(args):
     """fp32 master weights: AdamW updates of bf16 weights would round most small steps
     away (lr 5e-7); on CUDA the compute runs in bf16 through autocast (``--bf16``)."""
     import torch
-    from .models import load_model
+    from .model.loading import load_model
     return load_model(args.model, device=_device(args), dtype=torch.float32)
 
 
@@ -102,7 +89,7 @@ def _cmd_train(args):
 
 def _cmd_sgpo(args):
     from .data.records import load_sft
-    from .generation import GenConfig
+    from .model.generation import GenConfig
     from .sgpo import SGPOConfig, run_sgpo
 
     pref = _train_config(args, base=TrainConfig(loss_type="sgdpo", save_final=False))
@@ -136,8 +123,8 @@ def _cmd_sgpo(args):
 def _cmd_eval(args):
     from .data.records import load_sft
     from .evaluate import evaluate, format_table
-    from .generation import GenConfig
-    from .models import load_model
+    from .model.generation import GenConfig
+    from .model.loading import load_model
 
     records = load_sft(args.data)
     if args.limit:
@@ -189,21 +176,11 @@ def _parser():
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--batch-size", type=int, default=16)
-
-    sub.add_parser("demo", help="the end-to-end demo (options: see sgdpo-fast demo --help)",
-                   add_help=False)
-    sub.add_parser("bench", help="the benchmark suite (options: sgdpo-fast bench --help)",
-                   add_help=False)
     return ap
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-        return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     from .data.records import DataError
 

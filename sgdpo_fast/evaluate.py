@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 from .data.records import write_jsonl
 from .data.tasks import accuracy, check
-from .generation import GenConfig, generate
-from .models import chat_prompt
+from .model.generation import GenConfig, generate
+from .model.chat import chat_prompt
 
 
 def evaluate(model, tokenizer, records: Sequence[dict], gen: Optional[GenConfig] = None,

@@ -1,9 +1,12 @@
-"""Independent fp64 oracles: plain materialized computations, no project code."""
+"""Independent fp64 oracles: plain materialized computations, no project code.  The eager
+baseline (the error bf16 results are judged against) is bench.baselines'."""
 from __future__ import annotations
 
 import os
 
 import torch
+
+from bench.baselines import eager_logprobs  # noqa: F401  (re-exported for the tests)
 
 # Seed of the tests' random inputs: fixed, so a failure reproduces; set SGDPO_FAST_TEST_SEED
 # to draw other inputs (CI uses the default).
@@ -24,18 +27,6 @@ def logprob_oracle(hidden, weight, targets, bias=None, ignore_index=-100, temper
         x = softcap * torch.tanh(x / softcap)
     x = x / temperature
     lp = torch.log_softmax(x, dim=-1)
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    out = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, out, torch.zeros_like(out))
-
-
-def eager_logprobs(hidden, weight, targets, bias=None, ignore_index=-100):
-    """What a user writes today, in the inputs' dtype: matmul, log_softmax, gather."""
-    x = hidden @ weight.t()
-    if bias is not None:
-        x = x + bias
-    lp = torch.log_softmax(x.float(), dim=-1)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     out = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

@@ -61,7 +61,7 @@ def test_every_method_is_a_row(results, workload):
 def test_expected_availability_on_cpu(results):
     """Peers that install on CPU and run there are measured; GPU-only ones are recorded."""
     by = {r["method"]: r for w in cases.WORKLOADS for r in results[w][0]["rows"]}
-    for name in ("eager", "ours_torch", "ours_cpu_torch", "eager_dpo", "eager_sgdpo"):
+    for name in ("eager", "ours_torch", "ours_cpu", "eager_dpo", "eager_sgdpo"):
         assert by[name]["status"] == "ok", by[name]
     for name in ("ours_triton", "ours_cuda"):
         assert by[name]["status"] == "unavailable" and "CUDA" in by[name]["reason"]

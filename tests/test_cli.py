@@ -96,3 +96,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(model_dir, tmp_path):
     assert os.listdir(os.path.join(out, "checkpoints")) == [f"step-{done:06d}"]
     assert cli.main(args[3:] + ["--resume"]) == 0
     assert [json.loads(l)["step"] for l in open(metrics)] == list(range(1, 61))
+
+
+def test_cli_help_lists_the_commands(capsys):
+    from sgdpo_fast import cli
+    with pytest.raises(SystemExit) as e:  # argparse's --help exits 0
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("train", "sgpo", "eval"))

@@ -2,7 +2,7 @@
 embedded SmolLM2 is `make demo`; its output is in the README)."""
 import os
 
-from sgdpo_fast import demo
+from examples import demo
 from tiny_lm import tiny_model, tiny_tokenizer
 
 

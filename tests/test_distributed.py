@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sgdpo_fast as sf
-from sgdpo_fast.distributed import (gathered_lm_head, lm_head_logprobs, shard_lm_head,
-                                    vocab_parallel_token_logprobs, vocab_shard_range)
+from sgdpo_fast.model.sharding import gathered_lm_head, lm_head_logprobs
+from sgdpo_fast.ops.vocab_parallel import (shard_lm_head, vocab_parallel_token_logprobs,
+                                           vocab_shard_range)
 from oracle import SEED, logprob_oracle, rel_err
 
 WORLD = 2

@@ -91,7 +91,7 @@ def test_module_matches_fp64_oracle(loss_type, backend):
                     reason="the triton backend (sgdpo_fast/ops/backends/triton_backend.py) is not there yet")
 def test_module_triton_backend_small():
     from sgdpo_fast.ops.backends import triton_usable
-    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
+    if not triton_usable("cpu") and not torch.cuda.is_available():
         pytest.skip("triton not usable here")
     inp = make_inputs(B=1, T=5, D=16, V=33, seed=9)
     fn = sf.FusedLinearPreferenceLoss(loss_type="sgdpo", ignore_index=IGN, backend="triton", beta=0.2)

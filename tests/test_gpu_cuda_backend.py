@@ -7,8 +7,8 @@ PyTorch's own error (bf16/fp16), the adapter's input checks, and stream ordering
 import pytest
 import torch
 
-from sgdpo_fast.ops import native
-from sgdpo_fast.ops.backends import cuda_backend, epilogue_torch, tiled
+from sgdpo_fast.ops import LogprobPlan, TileConfig, native, sweep
+from sgdpo_fast.ops.backends import cuda_backend, epilogue_torch
 from sgdpo_fast.ops.transform import LogitTransform
 from oracle import eager_logprobs, logprob_oracle, rel_err
 
@@ -137,22 +137,26 @@ def _inputs(N, D, V, dtype, seed=0, bias=True):
     return h, w, b, t, up
 
 
-def _driver(ep, h, w, b, t, up, tf, tile_elems):
+def _driver(ep, h, w, b, t, up, tf, tiles):
+    plan = LogprobPlan(tiles=tiles, transform=tf)
+    valid = t != -100
     with torch.no_grad():
-        logp, lse = cuda_backend.forward(h, w, b, t, -100, tf, ep, tile_elems=tile_elems)
-        grad = torch.where(t != -100, up, torch.zeros_like(up))
-        grads = cuda_backend.backward(h, w, b, t, -100, tf, lse, grad, True, True,
-                                      b is not None, ep, tile_elems=tile_elems)
+        st = cuda_backend.forward(h, w, b, t, plan, epilogue=ep)
+        lse = sweep.finalize(st)
+        logp = torch.where(valid, st.tgt - lse, torch.zeros_like(lse))
+        grad = torch.where(valid, up, torch.zeros_like(up))
+        grads = cuda_backend.backward(h, w, b, t, lse, grad, plan, True, True, b is not None,
+                                      epilogue=ep)
     return logp, [x for x in grads if x is not None]
 
 
 @pytest.mark.parametrize("kw", [{}, {"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.9}],
                          ids=["plain", "transform"])
-def test_cuda_driver_many_tiles_fp32_oracle(ep, monkeypatch, kw):
-    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 64)
+def test_cuda_driver_many_tiles_fp32_oracle(ep, kw):
     h, w, b, t, up = _inputs(301, 77, 2999, torch.float32)
     tf = LogitTransform(kw.get("logit_scale", 1.0), kw.get("softcap"), kw.get("temperature", 1.0))
-    logp, grads = _driver(ep, h, w, b, t, up, tf, 64 * 700)  # 5 token blocks x 5 tiles
+    logp, grads = _driver(ep, h, w, b, t, up, tf,  # 5 token blocks x 5 tiles
+                          TileConfig(tile_elems=64 * 700, max_block_n=64))
     ref = logprob_oracle(h, w, t, bias=b, **kw)
     valid = t != -100
     assert torch.all(logp[~valid] == 0)
@@ -162,10 +166,10 @@ def test_cuda_driver_many_tiles_fp32_oracle(ep, monkeypatch, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cuda_driver_half_tiles_no_worse_than_eager(ep, monkeypatch, dtype):
-    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 128)
+def test_cuda_driver_half_inputs_no_worse_than_eager(ep, dtype):
     h, w, _, t, up = _inputs(500, 256, 9001, dtype, seed=2, bias=False)
-    logp, (gh, gw) = _driver(ep, h, w, None, t, up, LogitTransform(), 128 * 2048)
+    logp, (gh, gw) = _driver(ep, h, w, None, t, up, LogitTransform(),
+                             TileConfig(tile_elems=128 * 2048, max_block_n=128))
     ref = logprob_oracle(h, w, t)
     eag = eager_logprobs(h, w, t)
     assert logp.dtype == torch.float32

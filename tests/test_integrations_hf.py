@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sgdpo_fast as sf
-from sgdpo_fast.integrations.hf import head_transform_from_config, remove_fused_lm_head
+from sgdpo_fast.integrations.hf import remove_fused_lm_head
+from sgdpo_fast.model.head import head_transform_from_config
 from oracle import SEED  # noqa: E402
 
 transformers = pytest.importorskip("transformers")

@@ -80,6 +80,10 @@ def models_():
 
 def _trainer(cls, cfg_cls, models_, tokenizer, data, tmp_path, **kw):
     policy, ref = models_
+    # fp32: TRL 1.16 defaults to bf16 autocast even on CPU, where its chunked head rounds the
+    # logits to bf16 and ours keeps them in fp32 (the numerics contract): equality is an fp32
+    # property
+    kw.setdefault("bf16", False)
     args = cfg_cls(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4,
                    use_cpu=True, save_strategy="no", logging_steps=1, disable_dropout=True, **kw)
     return cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
@@ -114,8 +118,8 @@ def test_trl_loss_types_match_dpo_trainer(models_, tokenizer, dataset, tmp_path,
     for split in ("plain", "conv"):
         theirs = _trainer(DPOTrainer, DPOConfig, models_, tokenizer, dataset[split], tmp_path,
                           loss_type=loss_type, **extra)
-        counter = _Counter(hf_mod.head_module_logprobs)
-        monkeypatch.setattr(hf_mod, "head_module_logprobs", counter)
+        counter = _Counter(hf_mod.causal_lm_logprobs)
+        monkeypatch.setattr(hf_mod, "causal_lm_logprobs", counter)
         ours = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset[split], tmp_path,
                         loss_type=loss_type, **extra)
         batch = next(iter(theirs.get_train_dataloader()))
@@ -180,8 +184,8 @@ def test_patch_trl_leaves_results_unchanged(models_, tokenizer, dataset, tmp_pat
     vanilla = _trainer(DPOTrainer, DPOConfig, models_, tokenizer, dataset["plain"], tmp_path)
     batch = next(iter(vanilla.get_train_dataloader()))
     l1, g1, m1 = _loss_and_grads(vanilla, batch)
-    counter = _Counter(sgtrl.lm_head_logprobs)
-    monkeypatch.setattr(sgtrl, "lm_head_logprobs", counter)
+    counter = _Counter(sgtrl.head_logprobs_and_metrics)
+    monkeypatch.setattr(sgtrl, "head_logprobs_and_metrics", counter)
     patch_trl()
     try:
         patch_trl()  # idempotent
@@ -206,8 +210,8 @@ def test_patched_head_refuses_entropy_gradient():
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
     t = torch.randint(0, 11, (5,))
-    lp, ent, _, _, _ = sgtrl._ChunkedLogProbShim.apply(h, w, None, t, 1.0, 4096, None, 1.0,
-                                                      ("entropy",))
+    lp, ent, _, _, _ = sgtrl._ChunkedLogProbShim().apply(h, w, None, t, 1.0, 4096, None, 1.0,
+                                                        ("entropy",))
     (lp.sum() + 0.0 * ent.sum()).backward()  # a zero entropy coefficient is fine
     with pytest.raises(RuntimeError, match="unpatch_trl"):
         (lp.sum() + ent.sum()).backward()

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import sgdpo_fast as sf
-from sgdpo_fast.ops import backends
-from sgdpo_fast.ops.backends import cpu_backend, tiled
+from sgdpo_fast.ops import LogprobPlan, TileConfig, backends
 from oracle import eager_logprobs, logp_rel_err, logprob_oracle, max_or_zero, rel_err
 
 CPU_BACKENDS = ["torch", "cpu"]
@@ -46,9 +45,9 @@ def _inputs(N, D, V, dtype=torch.float32, bias=False, ignore_frac=0.2, seed=None
     return h, w, b, t, up
 
 
-def _check_fp32(backend, N, D, V, bias, kw, tile_elems=None, monkeypatch=None):
+def _check_fp32(backend, N, D, V, bias, kw, plan=None):
     h, w, b, t, up = _inputs(N, D, V, bias=bias)
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, **kw)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, plan=plan, **kw)
     ref = logprob_oracle(h, w, t, bias=b, **kw)
     assert lp.dtype == torch.float32 and lp.shape == t.shape
     valid = t != -100
@@ -73,32 +72,16 @@ def test_fp32_matches_oracle(backend, kw, bias):
     _check_fp32(backend, 37, 45, 301, bias, kw)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("N,D,V", [(1, 7, 3), (129, 33, 1000), (300, 64, 4099)])
-def test_cpu_multi_tile_odd_sizes(monkeypatch, N, D, V):
-    """Force tiny tiles so many ragged vocab and token tiles are exercised."""
-    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 50)
-    monkeypatch.setattr(tiled, "MIN_BLOCK_V", 7)
-    monkeypatch.setattr(tiled, "TILE_ELEMS", 50 * 97)
-    # tiled.forward/backward bind tile_elems=TILE_ELEMS when they are defined, so patching
-    # TILE_ELEMS alone leaves them on one vocabulary tile: pin the tile shape they ask for
-    orig = tiled.tile_shape
-    monkeypatch.setattr(tiled, "tile_shape", lambda n, v, tile_elems=None: orig(n, v, 50 * 97))
-    block_n, block_v = tiled.tile_shape(N, V)
+def test_multi_tile_odd_sizes(backend, N, D, V):
+    """Tiny tiles (a plan field) so many ragged vocabulary and token tiles are exercised."""
+    tiles = TileConfig(tile_elems=50 * 97, max_block_n=50, min_block_v=7)
+    block_n, block_v = tiles.shape(N, V)
     assert block_n == min(N, 50) and block_v == min(V, 50 * 97 // block_n)
     assert N < 50 or block_v < V  # the larger shapes really span several vocabulary tiles
-    _check_fp32("cpu", N, D, V, True, {"softcap": 3.0, "temperature": 0.9})
-
-
-def test_torch_backend_multi_chunk(monkeypatch):
-    from sgdpo_fast.ops.backends import torch_backend
-    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK_ELEMS", 997 * 5)
-    _check_fp32("torch", 53, 20, 997, True, {"logit_scale": 0.5})
-
-
-@pytest.mark.parametrize("epilogue", ["torch", "auto"])
-def test_cpu_epilogues(monkeypatch, epilogue):
-    monkeypatch.setattr(cpu_backend, "EPILOGUE", epilogue)
-    _check_fp32("cpu", 41, 19, 513, True, {"softcap": 5.0})
+    _check_fp32(backend, N, D, V, True, {"softcap": 3.0, "temperature": 0.9},
+                plan=LogprobPlan(tiles=tiles))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -145,17 +128,11 @@ def test_low_precision_no_worse_than_eager(backend, dtype):
         assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3, (rel_err(a, c), rel_err(e, c))
 
 
-@pytest.mark.parametrize("backend,epilogue", [
-    ("torch", None),
-    ("cpu", "torch"),
-    ("cpu", "native"),
-], ids=["torch", "cpu-torch", "cpu-native"])
-def test_large_softcap_small_logits(monkeypatch, backend, epilogue):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_softcap_small_logits(backend):
     """softcap=1e4 over logits ~1e-3: tanh(x / softcap) ~ 1e-7, where a tanh written as
     (1 - e) / (1 + e) with e = exp(-2|y|) ~ 1 - 2e-7 cancels to a few bits.  The op must
     still match the oracle at fp32 tolerance, including the tiny logit differences."""
-    if epilogue is not None:
-        monkeypatch.setattr(cpu_backend, "EPILOGUE", epilogue)
     g = torch.Generator().manual_seed(1234)
     N, D, V = 33, 16, 257
     h = torch.randn(N, D, generator=g).requires_grad_()
@@ -192,7 +169,7 @@ def test_only_some_inputs_require_grad():
 
 
 def test_auto_backend_resolves_on_cpu():
-    name = backends.resolve("auto", torch.device("cpu"))
+    name = backends.resolve("auto", "cpu")
     assert name in ("cpu", "torch")
 
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sgdpo_fast as sf  # noqa: E402
-from sgdpo_fast.losses import pairwise, pilots, preference  # noqa: E402
+from sgdpo_fast.losses import pairwise, pilots  # noqa: E402
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "sgdpo")
 SMOOTHABLE = ("sigmoid", "robust", "simpo", "sgdpo")
@@ -387,7 +387,7 @@ def _triton_ok():
     except Exception:
         return False
     from sgdpo_fast.ops.backends import triton_usable
-    return triton_usable(torch.device(DEV))
+    return triton_usable(DEV)
 
 
 needs_triton = pytest.mark.skipif(not _triton_ok(), reason="triton not importable / not usable here")
@@ -411,15 +411,14 @@ def test_kernel_matches_torch_path(T, avg, pilot_grad):
 
 @needs_triton
 @pytest.mark.parametrize("loss_type", ["sgdpo", "ipo"])
-def test_preference_loss_through_kernel(loss_type, monkeypatch):
+def test_preference_loss_through_kernel(loss_type):
     """preference_loss end to end through the kernel's autograd path (bf16 inputs, NLL term,
     gradients of both the mean and the per-pair losses) against the fp64 formula."""
-    monkeypatch.setattr(preference, "PAIRWISE_IMPL", "triton")
     p64, r64, mask = make_batch(3, 19, seed=61)
     p = p64.to(torch.bfloat16).requires_grad_(True)
     kw = dict(loss_type=loss_type, beta=0.2, nll_alpha=0.4, pilot_grad=True,
               **kwargs_for(loss_type))
-    out = sf.preference_loss(p, r64.to(torch.bfloat16), mask, **kw)
+    out = sf.preference_loss(p, r64.to(torch.bfloat16), mask, pairwise_impl="triton", **kw)
     w = torch.tensor([1.0, -0.5, 2.0], device=DEV)
     (g,) = torch.autograd.grad(out.loss + (out.losses * w).sum(), p)
     pq = p.detach().double().requires_grad_(True)

@@ -18,24 +18,21 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import sgdpo_fast as sf  # noqa: E402
-from sgdpo_fast.ops import backends  # noqa: E402
-from sgdpo_fast.ops.backends import cpu_backend, tiled  # noqa: E402
+from sgdpo_fast.ops import LogprobPlan, TileConfig, TritonConfig, backends, sweep  # noqa: E402
 from sgdpo_fast.ops.transform import LogitTransform  # noqa: E402
 from oracle import logp_rel_err, logprob_oracle, rel_err  # noqa: E402
 
 N, D, V = 13, 24, 203
 TILE_V = 32              # vocabulary tile of the cpu and triton backends below
 K = 75                   # masked entries: more than two whole tiles of 32 at either end
-TRITON_BLOCKS = dict(block_n=16, block_v=TILE_V, block_d=16)
 
-# (backend, setting): the cpu epilogue, or the Triton forward's TARGET_PROGRAMS, which
-# sets the number of vocabulary splits: 1 -> one split sweeping all 7 tiles (masked tiles
-# inside the in-kernel loop), 2 -> two splits of 4 tiles (with K at the end the second
-# split is entirely -inf), default -> one tile per split (masked splits in the combine)
+# (backend, setting): for Triton the forward's target_programs, which sets the number of
+# vocabulary splits: 1 -> one split sweeping all 7 tiles (masked tiles inside the in-kernel
+# loop), 2 -> two splits of 4 tiles (with K at the end the second split is entirely -inf),
+# default -> one tile per split (masked splits in the combine)
 CONFIGS = [
     ("torch", None),
-    ("cpu", "torch"),
-    ("cpu", "native"),
+    ("cpu", None),
     ("triton", 1),
     ("triton", 2),
     ("triton", None),
@@ -47,27 +44,17 @@ def _ids(c):
     return c[0] if c[1] is None else f"{c[0]}-{c[1]}"
 
 
-def _setup(monkeypatch, backend, setting):
-    if backend == "cpu":
-        monkeypatch.setattr(cpu_backend, "EPILOGUE", setting)
-        monkeypatch.setattr(tiled, "MAX_BLOCK_N", 5)
-        monkeypatch.setattr(tiled, "MIN_BLOCK_V", 7)
-        monkeypatch.setattr(tiled, "TILE_ELEMS", 5 * TILE_V)
-        # tiled.forward/backward bind tile_elems=TILE_ELEMS at definition time, so the
-        # patch above alone does not reach them: pin the tile shape itself
-        orig = tiled.tile_shape
-        monkeypatch.setattr(tiled, "tile_shape",
-                            lambda n, v, tile_elems=None: orig(n, v, 5 * TILE_V))
-        assert tiled.tile_shape(N, V) == (5, TILE_V)
-    elif backend == "triton":
+def _plan(backend, setting):
+    """Small tiles so the masked entries cover whole vocabulary tiles (and splits)."""
+    if backend == "triton":
         pytest.importorskip("triton")
-        if not backends.triton_usable(torch.device("cpu")):
+        if not backends.triton_usable("cpu"):
             pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
-        from sgdpo_fast.kernels import logprob_fwd
-        from sgdpo_fast.ops.backends import triton_backend
-        monkeypatch.setattr(triton_backend, "BLOCKS", dict(TRITON_BLOCKS))
-        if setting is not None:
-            monkeypatch.setattr(logprob_fwd, "TARGET_PROGRAMS", setting)
+        return LogprobPlan(triton=TritonConfig(block_n=16, block_v=TILE_V, block_d=16,
+                                               target_programs=setting))
+    tiles = TileConfig(tile_elems=5 * TILE_V, max_block_n=5, min_block_v=7)
+    assert tiles.shape(N, V) == (5, TILE_V)
+    return LogprobPlan(tiles=tiles)
 
 
 def _inputs(where, seed):
@@ -92,19 +79,20 @@ def _inputs(where, seed):
 @pytest.mark.parametrize("kw", TRANSFORMS, ids=lambda k: ",".join(k) or "plain")
 @pytest.mark.parametrize("where", ["last", "first"])
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
-def test_masked_vocab_tiles_match_oracle(monkeypatch, config, where, kw):
+def test_masked_vocab_tiles_match_oracle(config, where, kw):
     backend, setting = config
-    _setup(monkeypatch, backend, setting)
+    plan = _plan(backend, setting).replace(backend=backend)
     h, w, b, t, up, finite = _inputs(where, zlib.crc32(f"{config}{where}{kw}".encode()))
     valid = t != -100
 
     # the backend's own lse is finite too (it feeds the backward)
     with torch.no_grad():
         tf = LogitTransform(kw.get("logit_scale", 1.0), kw.get("softcap"), kw.get("temperature", 1.0))
-        logp0, lse0 = backends.get(backend).forward(h, w, b, t, -100, tf)
-    assert torch.isfinite(lse0).all() and torch.isfinite(logp0).all(), (logp0, lse0)
+        st = backends.get(backend).forward(h, w, b, t, plan.replace(transform=tf))
+        lse0 = sweep.finalize(st)
+    assert torch.isfinite(lse0).all() and torch.isfinite(st.tgt).all(), (st, lse0)
 
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, **kw)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=plan, **kw)
     ref = logprob_oracle(h, w, t, bias=b, **kw)
     assert torch.isfinite(lp).all(), lp
     assert torch.isfinite(ref).all()
@@ -125,17 +113,17 @@ def test_masked_vocab_tiles_match_oracle(monkeypatch, config, where, kw):
         assert gw[~finite].abs().max().item() < 1e-30 and gb[~finite].abs().max().item() < 1e-30
 
 
-@pytest.mark.skipif(not backends.triton_usable(torch.device("cpu")) and not torch.cuda.is_available(),
-                    reason="needs triton")
-def test_triton_combine_skips_masked_splits():
-    """The combine of per-split partials: a split with m = -inf, s = 0 adds nothing."""
-    from sgdpo_fast.kernels.logprob_fwd import combine_partials
+def test_merge_skips_masked_ranges():
+    """The combine of per-range partials (Triton's vocabulary splits, vocab-parallel ranks):
+    a range with m = -inf, s = 0 adds nothing."""
     inf = float("inf")
     m = torch.tensor([[-inf, 1.0, 0.5], [2.0, -inf, 0.5], [-inf, -inf, 0.5]])
     s = torch.tensor([[0.0, 1.0, 1.0], [3.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
-    got = combine_partials(m, s)
+    z = torch.zeros_like(m)
+    got = sweep.finalize(sweep.merge_stats(sweep.TokenStats(m, s, z)))
     want = torch.stack([torch.log(torch.tensor(3.0)) + 2.0, torch.tensor(1.0),
                         torch.log(torch.tensor(7.0)) + 0.5])
     torch.testing.assert_close(got, want)
     # a row with no finite logit at all has lse = -inf (its log-prob is undefined), not NaN
-    assert combine_partials(torch.full((2, 1), -inf), torch.zeros(2, 1)).item() == -inf
+    one = sweep.TokenStats(torch.full((2, 1), -inf), torch.zeros(2, 1), torch.zeros(2, 1))
+    assert sweep.finalize(sweep.merge_stats(one)).item() == -inf

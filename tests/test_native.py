@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import sgdpo_fast as sf
-from sgdpo_fast.ops import native
-from sgdpo_fast.ops.backends import cpu_backend, cuda_backend, epilogue_torch, tiled
+from sgdpo_fast.ops import LogprobPlan, TileConfig, native, sweep
+from sgdpo_fast.ops.backends import cuda_backend, epilogue_torch
 from sgdpo_fast.ops.transform import LogitTransform
 from oracle import eager_logprobs, logprob_oracle, rel_err
 
@@ -89,8 +89,7 @@ def test_grad_on_strided_tile_view():
 
 @pytest.mark.parametrize("kw", [{}, {"softcap": 2.0, "temperature": 0.8, "logit_scale": 1.5}],
                          ids=["plain", "transform"])
-def test_cpu_backend_native_vs_oracle(monkeypatch, kw):
-    monkeypatch.setattr(cpu_backend, "EPILOGUE", "native")
+def test_cpu_backend_native_vs_oracle(kw):
     g = torch.Generator().manual_seed(123)
     h = torch.randn(53, 33, generator=g).requires_grad_()
     w = torch.randn(611, 33, generator=g).requires_grad_()
@@ -119,27 +118,39 @@ def _problem(N, D, V, dtype=torch.float32, seed=0, bias=True):
     return h, w, b, t, up
 
 
-def _run_driver(drv, ep, h, w, b, t, up, tf, tile_elems):
-    """The backend contract called directly: forward, then backward with grad = up * valid."""
+def _run_driver(forward, backward, h, w, b, t, up, tf, tiles):
+    """A backend's driver called directly (``forward(h, w, b, t, plan)`` and
+    ``backward(h, w, b, t, lse, grad, plan, ...)``): forward, then backward with
+    grad = up * valid; ignored rows (-100) are simply rows with no target here."""
+    plan = LogprobPlan(tiles=tiles, transform=tf)
+    valid = t != -100
     with torch.no_grad():
-        logp, lse = drv.forward(h, w, b, t, -100, tf, ep, tile_elems=tile_elems)
-        grad = torch.where(t != -100, up, torch.zeros_like(up))
-        grads = drv.backward(h, w, b, t, -100, tf, lse, grad, True, True, b is not None, ep,
-                             tile_elems=tile_elems)
+        st = forward(h, w, b, t, plan)
+        lse = sweep.finalize(st)
+        logp = torch.where(valid, st.tgt - lse, torch.zeros_like(lse))
+        grad = torch.where(valid, up, torch.zeros_like(up))
+        grads = backward(h, w, b, t, lse, grad, plan, True, True, b is not None)
     return logp, [gr for gr in grads if gr is not None]
+
+
+def _native_driver():
+    fwd = lambda h, w, b, t, plan: sweep.forward_stats(h, w, b, t, plan.transform, EP,  # noqa: E731
+                                                       plan.tiles)
+    bwd = lambda h, w, b, t, lse, g, plan, *needs: sweep.backward(  # noqa: E731
+        h, w, b, t, lse, g, plan.transform, EP, plan.tiles, *needs)
+    return fwd, bwd
 
 
 @pytest.mark.parametrize("kw", [{}, {"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.9}],
                          ids=["plain", "transform"])
-def test_tiled_driver_many_tiles_native_vs_oracle(monkeypatch, kw):
+def test_tiled_driver_many_tiles_native_vs_oracle(kw):
     """Odd sizes split into several token blocks and vocabulary tiles (incl. a ragged last
     one), so the online fold across tiles and the fp32 accumulation across blocks run."""
-    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 16)
     h, w, b, t, up = _problem(53, 29, 611, seed=1)
     tf = LogitTransform(kw.get("logit_scale", 1.0), kw.get("softcap"), kw.get("temperature", 1.0))
-    bn, bv = tiled.tile_shape(53, 611, 16 * 300)
-    assert (bn, bv) == (16, 300)  # blocks of 16, 16, 16, 5 tokens; tiles of 300, 300, 11
-    logp, grads = _run_driver(tiled, EP, h, w, b, t, up, tf, 16 * 300)
+    tiles = TileConfig(tile_elems=16 * 300, max_block_n=16)
+    assert tiles.shape(53, 611) == (16, 300)  # blocks of 16, 16, 16, 5 tokens; tiles of 300, 300, 11
+    logp, grads = _run_driver(*_native_driver(), h, w, b, t, up, tf, tiles)
     ref = logprob_oracle(h, w, t, bias=b, **kw)
     valid = t != -100
     assert torch.all(logp[~valid] == 0)
@@ -149,8 +160,7 @@ def test_tiled_driver_many_tiles_native_vs_oracle(monkeypatch, kw):
         assert rel_err(a, c) < 1e-4
 
 
-def test_cpu_backend_native_all_masked_and_tiny(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "EPILOGUE", "native")
+def test_cpu_backend_native_all_masked_and_tiny():
     h, w, b, t, _ = _problem(7, 5, 3)  # V below the minimum tile width
     t[:] = -100
     lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="cpu")
@@ -165,27 +175,20 @@ def test_cpu_backend_native_all_masked_and_tiny(monkeypatch):
     assert (lp1.double() - ref1).abs().max() < 1e-5 * ref1.abs().max() + 1e-7
 
 
-class _RefEpilogueAnyDtype:
-    """epilogue_torch on a widened copy of a bf16/fp16 tile, written back in the tile's
-    dtype: the semantics the CUDA kernels implement for half-precision tiles."""
-
-    @staticmethod
-    def fold_tile_(x, v0, targets, m, s, tgt, tf):
-        epilogue_torch.fold_tile_(x.float(), v0, targets, m, s, tgt, tf)
-
-    @staticmethod
-    def grad_tile_(x, v0, targets, lse, g, tf):
-        y = x.float()
-        epilogue_torch.grad_tile_(y, v0, targets, lse, g, tf)
-        x.copy_(y)
+def _cuda_driver_with_torch_epilogue():
+    """The cuda backend's code with the reference epilogue (runs on CPU tensors)."""
+    fwd = lambda h, w, b, t, plan: cuda_backend.forward(h, w, b, t, plan,  # noqa: E731
+                                                        epilogue=epilogue_torch)
+    bwd = lambda *a: cuda_backend.backward(*a, epilogue=epilogue_torch)  # noqa: E731
+    return fwd, bwd
 
 
-def test_cuda_driver_on_cpu_fp32_vs_oracle(monkeypatch):
-    """The cuda backend's driver (tiles in the input dtype) with a reference epilogue."""
-    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 16)
+def test_cuda_driver_on_cpu_fp32_vs_oracle():
+    """The cuda backend's driver with a reference epilogue."""
     h, w, b, t, up = _problem(41, 23, 523, seed=2)
     tf = LogitTransform(1.2, 5.0, 0.9)
-    logp, grads = _run_driver(cuda_backend, _RefEpilogueAnyDtype, h, w, b, t, up, tf, 16 * 260)
+    logp, grads = _run_driver(*_cuda_driver_with_torch_epilogue(), h, w, b, t, up, tf,
+                              TileConfig(tile_elems=16 * 260, max_block_n=16))
     ref = logprob_oracle(h, w, t, bias=b, logit_scale=1.2, softcap=5.0, temperature=0.9)
     valid = t != -100
     assert ((logp.double() - ref).abs() / ref.abs().clamp_min(1e-6))[valid].max() < 1e-5
@@ -193,13 +196,12 @@ def test_cuda_driver_on_cpu_fp32_vs_oracle(monkeypatch):
         assert a.dtype == torch.float32 and rel_err(a, c) < 1e-4
 
 
-def test_cuda_driver_on_cpu_bf16_no_worse_than_eager(monkeypatch):
-    """bf16 tiles, bf16 gradient tiles, fp32 accumulation: error against the fp64 oracle
+def test_cuda_driver_on_cpu_bf16_no_worse_than_eager():
+    """bf16 inputs, fp32 logit tiles, fp32 accumulation: error against the fp64 oracle
     within eager bf16's own error (plus a margin), as the numerics contract asks."""
-    monkeypatch.setattr(tiled, "MAX_BLOCK_N", 16)
     h, w, _, t, up = _problem(48, 64, 1500, dtype=torch.bfloat16, seed=3, bias=False)
-    logp, (gh, gw) = _run_driver(cuda_backend, _RefEpilogueAnyDtype, h, w, None, t, up,
-                                 LogitTransform(), 16 * 512)
+    logp, (gh, gw) = _run_driver(*_cuda_driver_with_torch_epilogue(), h, w, None, t, up,
+                                 LogitTransform(), TileConfig(tile_elems=16 * 512, max_block_n=16))
     ref = logprob_oracle(h, w, t)
     eag = eager_logprobs(h, w, t)
     assert (logp.double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
@@ -245,7 +247,7 @@ def test_without_extension_falls_back_to_torch_and_warns_once():
         "    for _ in range(3):\n"
         "        sf.fused_token_logprobs(h, w, t).sum().backward()\n"
         "n = sum('C++ extension not available' in str(r.message) for r in rec)\n"
-        "print('WARNINGS', n, 'AUTO', backends.resolve('auto', h.device))\n")
+        "print('WARNINGS', n, 'AUTO', backends.resolve('auto', h.device.type))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "WARNINGS 1 AUTO torch" in res.stdout, res.stdout

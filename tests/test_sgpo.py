@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sgdpo_fast.data.records import read_jsonl
-from sgdpo_fast.generation import GenConfig, generate
-from sgdpo_fast.models import chat_prompt
+from sgdpo_fast.model.generation import GenConfig, generate
+from sgdpo_fast.model.chat import chat_prompt
 from sgdpo_fast.sgpo import SGPOConfig, answer_perplexity, decide, run_sgpo, similarity, tukey_fences
 from sgdpo_fast.sgpo import loop as sgpo_loop
 from sgdpo_fast.trainer import TrainConfig

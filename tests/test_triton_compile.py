@@ -31,7 +31,7 @@ def build(fn, sig, const, blocks, warps, stages):
 fb = {"BLOCK_N": F.BLOCK_N, "BLOCK_V": F.BLOCK_V, "BLOCK_D": F.BLOCK_D}
 bb = {"BLOCK_N": B.BLOCK_N, "BLOCK_V": B.BLOCK_V, "BLOCK_D": B.BLOCK_D}
 fwd = dict({"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "t_ptr": "*i64", "m_ptr": "*fp32",
-            "s_ptr": "*fp32", "tgt_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
+            "s_ptr": "*fp32", "tgt_ptr": "*fp32", "x_ptr": "*fp32", "arg_ptr": "*i64", "N": "i32", "V": "i32", "D": "i32",
             "v_per_split": "i32", "stride_hn": "i32", "stride_wv": "i32"}, **scal)
 dh = dict({"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "t_ptr": "*i64", "lse_ptr": "*fp32",
            "g_ptr": "*fp32", "acc_ptr": "*fp32", "n_start": "i32", "n_stop": "i32", "V": "i32",
@@ -41,7 +41,8 @@ dw = dict({"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "t_ptr": "*i64", "lse_ptr":
            "v_stop": "i32", "N": "i32", "D": "i32", "n_per_split": "i32", "stride_hn": "i32",
            "stride_wv": "i32"}, **scal)
 sizes = [
-    build(F._logprob_fwd_kernel, fwd, common_c, fb, F.NUM_WARPS, F.NUM_STAGES),
+    build(F._logprob_fwd_kernel, fwd, dict(common_c, METRICS=False), fb, F.NUM_WARPS,
+          F.NUM_STAGES),
     build(B._logprob_bwd_dh_kernel, dh, common_c, bb, B.NUM_WARPS, B.NUM_STAGES),
     build(B._logprob_bwd_dw_kernel, dw, dict(common_c, NEED_DW=True, NEED_DB=True), bb,
           B.NUM_WARPS, B.NUM_STAGES),

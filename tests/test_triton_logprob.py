@@ -15,16 +15,15 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import sgdpo_fast as sf  # noqa: E402
-from sgdpo_fast.ops.backends import triton_backend  # noqa: E402
+from sgdpo_fast.ops import LogprobPlan, TritonConfig  # noqa: E402
 from oracle import eager_logprobs, logp_rel_err, logprob_oracle, max_or_zero, rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    if DEV == "cpu":
-        monkeypatch.setattr(triton_backend, "BLOCKS", dict(block_n=16, block_v=32, block_d=16))
+# small blocks under the interpreter, the kernels' defaults on a GPU
+SMALL = TritonConfig(block_n=16, block_v=32, block_d=16) if DEV == "cpu" else TritonConfig()
+PLAN = LogprobPlan(backend="triton", triton=SMALL)
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +71,7 @@ def _check_no_worse_than_eager(h, w, b, t, up, lp):
 ], ids=["plain", "transform+bias"])
 def test_triton_fp32_matches_oracle(kw, bias):
     h, w, b, t, up = _inputs(37, 45, 301, bias=bias)
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton", **kw)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN, **kw)
     ref = logprob_oracle(h, w, t, bias=b, **kw)
     valid = t != -100
     assert torch.all(lp[~valid] == 0)
@@ -90,7 +89,7 @@ def test_triton_fp32_matches_oracle(kw, bias):
 def test_triton_only_bias_and_hidden_grads():
     """needs_weight False while bias needs a gradient: the dW kernel must still give db."""
     h, w, b, t, up = _inputs(21, 17, 70, bias=True)
-    lp = sf.fused_token_logprobs(h, w.detach(), t, bias=b, backend="triton")
+    lp = sf.fused_token_logprobs(h, w.detach(), t, bias=b, plan=PLAN)
     ref = logprob_oracle(h, w.detach(), t, bias=b)
     got = torch.autograd.grad(lp, (h, b), up)
     want = torch.autograd.grad(ref, (h, b), up.double())
@@ -101,7 +100,7 @@ def test_triton_only_bias_and_hidden_grads():
 def test_triton_all_ignored():
     h, w, b, t, up = _inputs(19, 9, 40, bias=True)
     t[:] = -100
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton")
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN)
     assert torch.all(lp == 0)
     for gr in torch.autograd.grad(lp.sum(), (h, w, b)):
         assert torch.all(gr == 0)
@@ -109,13 +108,13 @@ def test_triton_all_ignored():
 
 def test_triton_bf16_no_worse_than_eager():
     h, w, b, t, up = _inputs(40, 64, 200, dtype=torch.bfloat16, bias=True)
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton")
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN)
     _check_no_worse_than_eager(h, w, b, t, up, lp)
 
 
 def test_triton_fp16_no_worse_than_eager():
     h, w, b, t, up = _inputs(29, 40, 150, dtype=torch.float16, bias=True)
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton")
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN)
     assert lp.dtype == torch.float32
     _check_no_worse_than_eager(h, w, b, t, up, lp)
 
@@ -131,7 +130,7 @@ def test_triton_large_softcap_small_logits():
     t[[3, 10]] = -100
     t = t.to(DEV)
     up = torch.randn(N, generator=g).to(DEV)
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton", softcap=1e4)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN, softcap=1e4)
     ref = logprob_oracle(h, w, t, bias=b, softcap=1e4)
     valid = t != -100
     assert max_or_zero(logp_rel_err(lp, ref)[valid]) < 1e-5, max_or_zero(logp_rel_err(lp, ref)[valid])
@@ -145,23 +144,21 @@ def test_triton_large_softcap_small_logits():
 
 
 def test_triton_split_count_does_not_change_result():
-    from sgdpo_fast.kernels import logprob_fwd
     h, w, b, t, _ = _inputs(23, 16, 250, bias=True)
     with torch.no_grad():
-        outs = [logprob_fwd.logprob_forward(h, w, b, t, -100, block_n=16, block_v=32, block_d=16,
-                                            splits=s)[0] for s in (1, 3, 8)]
+        outs = [sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN.replace(
+            triton=TritonConfig(block_n=16, block_v=32, block_d=16, splits=s))) for s in (1, 3, 8)]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[0], outs[2], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_chunks_and_splits(monkeypatch, dtype):
+def test_triton_backward_chunks_and_splits(dtype):
     """Tiny scratch and program targets: several row chunks and several splits per launch."""
-    from sgdpo_fast.kernels import logprob_bwd
-    monkeypatch.setattr(logprob_bwd, "SCRATCH_BYTES", 4 * 24 * 32)   # 32 rows of D=24 per chunk
-    monkeypatch.setattr(logprob_bwd, "TARGET_PROGRAMS", 6)
+    cfg = TritonConfig(block_n=16, block_v=32, block_d=16, target_programs=6,
+                       scratch_bytes=4 * 24 * 32)  # 32 rows of D=24 per chunk
     h, w, b, t, up = _inputs(70, 24, 150, dtype=dtype, bias=True)
-    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend="triton")
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN.replace(triton=cfg))
     if dtype != torch.float32:
         _check_no_worse_than_eager(h, w, b, t, up, lp)
         return

@@ -4,7 +4,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sgdpo_fast.models import CHATML
+from sgdpo_fast.model.chat import CHATML
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
 

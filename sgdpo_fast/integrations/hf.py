@@ -19,8 +19,9 @@ it), ``lm_head_multiplier`` (Falcon-H1).  Without ``fused_lm_head=True`` the
 original forward runs (generation is unchanged).
 
 ``outputs`` may ask for metric-only fields (entropy, log_sum_sq_probs,
-mean_logits, is_top1) computed without gradient in an extra tiled pass; they
-carry no gradient.
+mean_logits, is_top1), computed in the same sweep over the vocabulary as the
+log-probs; they carry no gradient.  The computation itself is
+``sgdpo_fast.model.head.causal_lm_logprobs`` (shared with the trainer).
 """
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..distributed import gathered_lm_head, head_module_logprobs
-from ..ops.transform import LogitTransform
-from ._head_stats import STATS, head_stats
+from ..model.head import causal_lm_logprobs, head_transform_from_config
+from ..ops.plan import METRICS
 
 try:  # transformers is optional for the rest of the package
     from transformers.utils import ModelOutput
@@ -41,9 +41,9 @@ except Exception:  # pragma: no cover
     from collections import OrderedDict as ModelOutput  # type: ignore
 
 __all__ = ["apply_fused_lm_head", "remove_fused_lm_head", "FusedLMHeadOutput",
-           "head_transform_from_config", "OUTPUTS"]
+           "head_transform_from_config", "OUTPUTS"]  # head_transform_from_config: re-export
 
-OUTPUTS = ("log_probs",) + STATS
+OUTPUTS = ("log_probs",) + METRICS
 _ORIG = "_sgdpo_fast_original_forward"
 
 
@@ -62,19 +62,6 @@ class FusedLMHeadOutput(ModelOutput):
     is_top1: Optional[torch.Tensor] = None
     label_mask: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
-
-
-def head_transform_from_config(config) -> Tuple[Optional[float], float]:
-    """``(softcap, logit_scale)`` the model applies to ``lm_head(h)``, from its config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)                     # Cohere: logits * scale
-    if scale is None:
-        scale = getattr(cfg, "lm_head_multiplier", None)          # Falcon-H1: logits * m
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        ls = float(cfg.logits_scaling)                            # Granite: logits / s
-        scale = ls if getattr(cfg, "model_type", "") == "hyperclovax" else 1.0 / ls
-    return (None if softcap is None else float(softcap)), (1.0 if scale is None else float(scale))
 
 
 def remove_fused_lm_head(model) -> None:
@@ -114,8 +101,7 @@ def apply_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     model.__dict__[_ORIG] = _CLASS_FORWARD if original is None else original
     original_forward = model.forward
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap, logit_scale = head_transform_from_config(model.config)
-    stats = tuple(o for o in outputs if o in STATS)
+    metrics = tuple(o for o in outputs if o in METRICS)
 
     @functools.wraps(type(model).forward)  # `generate` validates kwargs against the signature
     def _forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
@@ -128,50 +114,20 @@ def apply_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
             return original_forward(*args, **kwargs)
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels= (or shift_labels=)")
-        kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        base = self.base_model
-        if base is self:
-            raise ValueError("model.base_model is the model itself: not a *ForCausalLM with a head")
-        bb = base(*args, **kwargs)
-        hidden = bb.last_hidden_state if hasattr(bb, "last_hidden_state") else bb[0]
-        if shift_labels is None:
-            hidden, tgt = hidden[:, :-1], labels[:, 1:]
-        else:
-            tgt = shift_labels
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        dev = weight.device
-        hidden, tgt = hidden.to(dev), tgt.to(dev)
-        mask = tgt != -100
-        if cast_lm_head_to_fp32:
-            cdt = torch.float32
-        elif torch.is_autocast_enabled(dev.type):
-            cdt = torch.get_autocast_dtype(dev.type)
-        else:
-            cdt = weight.dtype
-        h = hidden[mask].to(cdt)
-        t = tgt[mask]
-        with torch.autocast(dev.type, enabled=False):  # h's dtype is the compute dtype
-            lp = head_module_logprobs(head, h, t, temperature=temperature, softcap=softcap,
-                                      logit_scale=logit_scale, backend=backend)
-        # masked_scatter keeps an all-ignored batch connected to the graph.
-        log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
-        extra = {}
-        if stats:
-            tf = LogitTransform(logit_scale, softcap, float(temperature))
-            with torch.no_grad(), gathered_lm_head(head) as (fw, fb):
-                fw = fw.to(cdt)
-                fb = None if fb is None else fb.to(cdt)
-                vals = head_stats(h.detach(), fw.detach(), None if fb is None else fb.detach(),
-                                  t, tf, stats)
-            for name, v in vals.items():
-                extra[name] = (torch.zeros(mask.shape, dtype=v.dtype, device=dev)
-                               .masked_scatter(mask, v))
+        out = causal_lm_logprobs(self, *args, labels=labels, shift_labels=shift_labels,
+                                 temperature=temperature,
+                                 cast_lm_head_to_fp32=cast_lm_head_to_fp32, metrics=metrics,
+                                 backend=backend, **kwargs)
+        mask, log_probs = out.mask, out.log_probs
+        extra = dict(out.metrics)
+        if "is_top1" in extra:
+            extra["is_top1"] = extra["is_top1"] > 0.5
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / denom
         aux = None
+        bb = out.backbone
         if kwargs.get("output_router_logits") and getattr(bb, "router_logits", None) is not None:
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
             n_exp = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts")

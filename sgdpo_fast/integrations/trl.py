@@ -39,9 +39,8 @@ import trl
 from packaging.version import Version
 from trl import DPOConfig, DPOTrainer
 
-from ..distributed import lm_head_logprobs
-from ..ops.transform import LogitTransform
-from ._head_stats import STATS, head_stats
+from ..model.sharding import head_logprobs_and_metrics
+from ..ops.plan import METRICS, LogprobPlan
 from .hf import apply_fused_lm_head
 
 SUPPORTED_TRL = ">=1.16,<2"
@@ -278,35 +277,31 @@ class _NoEntropyGrad(torch.autograd.Function):
 
 class _ChunkedLogProbShim:
     """Stands in for ``trl.kernels.ChunkedLogProbFunction`` (same ``apply`` signature and
-    5-tuple result): log-probs from sgdpo_fast's op, metric fields from a no-grad pass."""
+    5-tuple result): log-probs and the metric fields from one sweep of sgdpo_fast's op
+    (the metrics without gradient), with the backend given to :func:`patch_trl`."""
 
-    backend = "auto"
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
 
-    @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=STATS):
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size,
+              final_logit_softcapping=None, logit_scale=1.0, outputs=METRICS):
         dev = hidden.device
         cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden.dtype
         h = hidden.to(cdt)
         softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)
+        which = tuple(o for o in outputs if o in METRICS)
         with torch.autocast(dev.type, enabled=False):
-            # lm_head_logprobs casts the head to h's dtype and, under ZeRO-3,
-            # re-gathers it for the backward's recompute.
-            logp = lm_head_logprobs(h, weight, targets, bias=bias, temperature=float(temperature),
-                                    softcap=softcap, logit_scale=float(logit_scale),
-                                    backend=_ChunkedLogProbShim.backend)
-        which = tuple(o for o in outputs if o in STATS)
-        vals = {}
-        if which:
-            tf = LogitTransform(float(logit_scale), softcap, float(temperature))
-            with torch.no_grad():
-                w = weight.detach().to(cdt)
-                b = None if bias is None else bias.detach().to(cdt)
-            vals = head_stats(h.detach(), w, b, targets, tf, which)
+            # casts the head to h's dtype and, under ZeRO-3, re-gathers it for the backward
+            logp, vals = head_logprobs_and_metrics(
+                h, weight, targets, bias=bias, temperature=float(temperature), softcap=softcap,
+                logit_scale=float(logit_scale), backend=self.backend,
+                plan=LogprobPlan(metrics=which))
         ent = vals.get("entropy")
         if ent is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             ent = _NoEntropyGrad.apply(ent, hidden if hidden.requires_grad else weight)
-        return (logp, ent, vals.get("log_sum_sq_probs"), vals.get("mean_logits"), vals.get("is_top1"))
+        top1 = vals.get("is_top1")
+        return (logp, ent, vals.get("log_sum_sq_probs"), vals.get("mean_logits"),
+                None if top1 is None else top1 > 0.5)
 
 
 _SAVED = {}
@@ -322,8 +317,7 @@ def patch_trl(backend: str = "auto") -> None:
 
     if "_ChunkedLogProbFunction" not in _SAVED:
         _SAVED["_ChunkedLogProbFunction"] = tu._ChunkedLogProbFunction
-    _ChunkedLogProbShim.backend = backend
-    tu._ChunkedLogProbFunction = _ChunkedLogProbShim
+    tu._ChunkedLogProbFunction = _ChunkedLogProbShim(backend)
 
 
 def unpatch_trl() -> None:
@@ -337,4 +331,4 @@ def unpatch_trl() -> None:
 def is_trl_patched() -> bool:
     import trl.trainer.utils as tu
 
-    return tu._ChunkedLogProbFunction is _ChunkedLogProbShim
+    return isinstance(tu._ChunkedLogProbFunction, _ChunkedLogProbShim)

@@ -4,7 +4,7 @@
 - ``FusedLinearPreferenceLoss`` (``fused_linear.py``): hidden states + LM head -> loss,
   never building the [tokens x vocab] logits; Liger's calling convention.
 - ``formulas.py`` per-loss formulas, ``pilots.py`` SGDPO pilot draws, ``pairwise.py``
-  the pairwise step (torch path, Triton kernel dispatch, autograd Function).
+  the pairwise step (torch path, Triton kernel dispatch, the custom op with its autograd).
 """
 from .fused_linear import FusedLinearPreferenceLoss, PreferenceAux
 from .formulas import LOSS_TYPES

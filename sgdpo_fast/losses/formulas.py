@@ -28,17 +28,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "sgdpo")
-# integer codes shared with the Triton kernel (kernels/pairwise_loss.py)
-LOSS_CODE = {name: i for i, name in enumerate(LOSS_TYPES)}
+from ..kernels.pairwise_codes import LOSS_CODE, LOSS_TYPES  # noqa: F401  (shared with the kernel)
+
 NEEDS_REF = frozenset({"sigmoid", "ipo", "hinge", "robust", "sgdpo"})
 # loss types whose loss side always uses per-token averaged log-probs (as TRL does)
 LOSS_SIDE_AVERAGED = frozenset({"ipo", "simpo"})
 
 
+def _eps_softplus(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``eps * softplus(z)``, exactly 0 for eps = 0 (0 * softplus(+inf) would be NaN where
+    the loss's limit is finite, e.g. a -inf log-prob in a rejected answer)."""
+    return eps * F.softplus(z) if eps else torch.zeros_like(z)
+
+
 def _cdpo(z: torch.Tensor, eps: float):
     """(1-eps)*softplus(-z) + eps*softplus(z) and its derivative in z."""
-    val = (1.0 - eps) * F.softplus(-z) + eps * F.softplus(z)
+    val = (1.0 - eps) * F.softplus(-z) + _eps_softplus(z, eps)
     d = -(1.0 - eps) * torch.sigmoid(-z) + eps * torch.sigmoid(z)
     return val, d
 
@@ -61,7 +66,7 @@ def pair_loss(loss_type: str, rho_w: torch.Tensor, rho_l: torch.Tensor,
         d = beta * d
     elif loss_type == "robust":
         z = beta * delta
-        val = ((1.0 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1.0 - 2.0 * eps)
+        val = ((1.0 - eps) * F.softplus(-z) - _eps_softplus(z, eps)) / (1.0 - 2.0 * eps)
         d = beta * (-(1.0 - eps) * torch.sigmoid(-z) - eps * torch.sigmoid(z)) / (1.0 - 2.0 * eps)
     elif loss_type == "hinge":
         u = 1.0 - beta * delta

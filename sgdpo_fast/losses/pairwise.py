@@ -1,38 +1,35 @@
 """The pairwise step: segment sums -> per-pair loss -> per-token gradient weights.
 
-Two implementations of the same math, both returning
-``stats [B, N_STATS]`` (columns ``COL_*`` below) and ``grad [2B, T]`` =
-``d loss_pair / d policy[t]`` (per pair, without the 1/B of the mean and
-without the NLL term):
+Two implementations of the same math, both returning ``stats [B, N_STATS]`` (columns
+``COL_*`` of ``kernels/pairwise_codes.py``) and ``grad [2B, T]`` = ``d loss_pair /
+d policy[t]`` (per pair, without the 1/B of the mean and without the NLL term):
 
 - ``torch``: plain tensor ops; fp64 inputs stay fp64, others compute in fp32.
   Runs anywhere; the oracle of the kernel's tests.
 - ``triton``: ``kernels/pairwise_loss.py``, one launch, fp32.
 
-``PairwiseLossFunction`` (a plain ``torch.autograd.Function``) wraps either:
-forward adds the RPO NLL term and the mean over pairs, saves the per-token
-weights; backward scales them by the upstream gradients (of the mean loss and,
-if used, of the per-pair losses).  The reference log-probs and the pilot
-subsets get no gradient (the reference is a constant).
+Both run inside the custom op ``sgdpo_fast::pairwise_loss`` (``torch.library``: a fake
+implementation and registered autograd), so ``torch.compile(fullgraph=True)`` sees one
+node; its checks that read tensor values (a response with no token, pilots outside the
+response, masks that are not 0/1) run inside it.  Of the ``stats`` columns only
+``COL_LOSS`` and ``COL_SUM_W`` carry gradients (through ``grad`` and the chosen mask);
+the others are reported values (``preference_loss`` detaches them).  The reference
+log-probs and the pilot subsets get no gradient.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from types import MappingProxyType
+from typing import Optional, Tuple
 
 import torch
 
+from ..kernels.pairwise_codes import (COL_LOGP_L, COL_LOGP_W, COL_LOSS, COL_PIL_L,  # noqa: F401
+                                      COL_PIL_W, COL_REW_L, COL_REW_W, COL_SUM_W, LOSS_CODE,
+                                      N_STATS)
 from . import formulas
 
-COL_LOSS = 0      # per-pair preference loss (no NLL term)
-COL_LOGP_W = 1    # chosen policy sequence log-prob (sum, or mean with average_log_prob / simpo)
-COL_LOGP_L = 2    # rejected, likewise
-COL_REW_W = 3     # chosen reward  beta * (logp - ref logp), same aggregation as COL_LOGP_W
-COL_REW_L = 4     # rejected reward
-COL_PIL_W = 5     # beta * chosen pilot log-ratio (sgdpo; 0 otherwise)
-COL_PIL_L = 6     # beta * rejected pilot log-ratio
-COL_SUM_W = 7     # chosen policy log-prob summed over the response (for the NLL term)
-N_STATS = 8
+IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -98,73 +95,120 @@ def pairwise_triton(policy, ref, mask, pilot, cfg: PairwiseConfig):
 
     return pairwise_loss_fwd(
         policy.contiguous(), None if ref is None else ref.contiguous(), u8(mask), u8(pilot),
-        loss_code=formulas.LOSS_CODE[cfg.loss_type], beta=cfg.beta,
+        loss_code=LOSS_CODE[cfg.loss_type], beta=cfg.beta,
         label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
         average_log_prob=cfg.average_log_prob, pilot_grad=cfg.pilot_grad)
 
 
-_IMPLS = {"torch": pairwise_torch, "triton": pairwise_triton}
+_IMPLS = MappingProxyType({"torch": pairwise_torch, "triton": pairwise_triton})
 
 
-def resolve_impl(impl: str, policy: torch.Tensor) -> str:
+@torch.compiler.assume_constant_result
+def resolve_impl(impl: str, device_type: str, is_fp64: bool) -> str:
     """``auto``: the Triton kernel for CUDA tensors (not fp64), else torch."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"pairwise_impl must be one of {IMPLS}, got {impl!r}")
     from ..ops.backends import triton_usable
     if impl == "triton":
-        if not triton_usable(policy.device):
-            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and triton")
-        if policy.dtype == torch.float64:
-            raise ValueError("impl='triton' computes in fp32; use impl='torch' for fp64 inputs")
+        if not triton_usable(device_type):
+            raise ValueError("pairwise_impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                             "on CPU) and triton")
+        if is_fp64:
+            raise ValueError("pairwise_impl='triton' computes in fp32; use 'torch' for fp64 inputs")
         return "triton"
-    if impl == "auto" and policy.is_cuda and policy.dtype != torch.float64 and triton_usable(policy.device):
+    if impl == "auto" and device_type == "cuda" and not is_fp64 and triton_usable(device_type):
         return "triton"
     return "torch"
 
 
-class PairwiseLossFunction(torch.autograd.Function):
-    """(policy [2B,T], ref, mask, pilot) -> loss [], losses [B], stats [B,N_STATS], nll [].
-
-    Only ``policy`` is differentiable.  ``losses[i]`` = preference loss of pair i
-    plus ``nll_alpha * nll`` (the NLL is a batch-level token mean, as TRL's
-    rpo_alpha), ``loss = losses.mean()``."""
-
-    @staticmethod
-    def forward(ctx, policy, ref, mask, pilot, cfg, nll_alpha, impl):
-        stats, grad = _IMPLS[impl](policy.detach(), None if ref is None else ref.detach(),
-                                   mask, pilot, cfg)
-        B = stats.shape[0]
-        nll = torch.zeros((), dtype=stats.dtype, device=stats.device)
-        n_chosen = mask[:B].sum().to(stats.dtype)
-        if nll_alpha:
-            nll = -stats[:, COL_SUM_W].sum() / n_chosen
-        losses = stats[:, COL_LOSS] + nll_alpha * nll
-        loss = losses.mean()
-        ctx.save_for_backward(grad, mask, n_chosen)
-        ctx.nll_alpha = float(nll_alpha)
-        ctx.policy_dtype = policy.dtype
-        ctx.mark_non_differentiable(stats, nll)
-        return loss, losses, stats, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_losses, _grad_stats, _grad_nll):
-        grad, mask, n_chosen = ctx.saved_tensors
-        B = grad.shape[0] // 2
-        u = torch.zeros(B, dtype=grad.dtype, device=grad.device)
-        if grad_loss is not None:
-            u = u + grad_loss.to(grad.dtype) / B
-        if grad_losses is not None:
-            u = u + grad_losses.to(grad.dtype)
-        g = grad * torch.cat([u, u])[:, None]
-        if ctx.nll_alpha:
-            nll_w = (-ctx.nll_alpha / n_chosen) * u.sum()
-            g[:B] += torch.where(mask[:B], nll_w, torch.zeros((), dtype=g.dtype, device=g.device))
-        return g.to(ctx.policy_dtype), None, None, None, None, None, None
+def _as_bool(name: str, m: torch.Tensor) -> torch.Tensor:
+    """A bool mask from a bool or 0/1 tensor; any other value (0.5, NaN, -1, 2) is an error."""
+    if m.dtype == torch.bool:
+        return m
+    if bool(((m != 0) & (m != 1)).any()):
+        bad = m[(m != 0) & (m != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be bool or hold only 0 and 1, found {bad}")
+    return m != 0
 
 
-def pairwise_loss(policy: torch.Tensor, ref: Optional[torch.Tensor], mask: torch.Tensor,
-                  pilot: Optional[torch.Tensor], cfg: PairwiseConfig, nll_alpha: float = 0.0,
-                  impl: str = "auto"):
-    """Differentiable pairwise loss on validated inputs; see ``PairwiseLossFunction``."""
-    name = resolve_impl(impl, policy)
-    return PairwiseLossFunction.apply(policy, ref, mask, pilot, cfg, float(nll_alpha), name)
+def check_masks(mask: torch.Tensor, pilot: Optional[torch.Tensor]):
+    """Value checks of the masks (bool or 0/1 tensors ``[2B, T]``): every answer has a
+    response token; pilots lie inside the response and are not empty.  Returns them as
+    bool tensors."""
+    mask = _as_bool("mask", mask)
+    B = mask.shape[0] // 2
+    counts = mask.sum(1)
+    if bool((counts == 0).any()):
+        row = int((counts == 0).nonzero()[0, 0])
+        side = "chosen" if row < B else "rejected"
+        raise ValueError(f"pair {row % B} has no response token in its {side} answer (mask row {row} "
+                         f"is all False)")
+    if pilot is not None:
+        pilot = _as_bool("pilot_masks", pilot)
+        if bool((pilot & ~mask).any()):
+            raise ValueError("pilot_masks marks positions outside the response (mask)")
+        if bool((pilot.sum(1) == 0).any()):
+            row = int((pilot.sum(1) == 0).nonzero()[0, 0])
+            raise ValueError(f"pilot_masks row {row} is empty: every answer needs at least one "
+                             f"pilot token")
+    return mask, pilot
+
+
+@torch.library.custom_op("sgdpo_fast::pairwise_loss", mutates_args=())
+def _pairwise_op(policy: torch.Tensor, ref: Optional[torch.Tensor], mask: torch.Tensor,
+                 pilot: Optional[torch.Tensor], loss_type: str, beta: float,
+                 label_smoothing: float, simpo_gamma: float, average_log_prob: bool,
+                 pilot_grad: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    mask, pilot = check_masks(mask, pilot)
+    cfg = PairwiseConfig(loss_type, beta, label_smoothing, simpo_gamma, average_log_prob,
+                         pilot_grad)
+    stats, grad = _IMPLS[impl](policy.detach(), None if ref is None else ref.detach(), mask,
+                               pilot, cfg)
+    return stats, grad.contiguous()
+
+
+@_pairwise_op.register_fake
+def _pairwise_fake(policy, ref, mask, pilot, loss_type, beta, label_smoothing, simpo_gamma,
+                   average_log_prob, pilot_grad, impl):
+    ct = torch.float64 if (policy.dtype == torch.float64 and impl == "torch") else torch.float32
+    B2, T = policy.shape
+    return (policy.new_empty((B2 // 2, N_STATS), dtype=ct),
+            policy.new_empty((B2, T), dtype=ct))
+
+
+def _pairwise_setup(ctx, inputs, output):
+    policy, _, mask = inputs[:3]
+    ctx.save_for_backward(output[1], mask)
+    ctx.policy_dtype = policy.dtype
+
+
+def _pairwise_backward(ctx, grad_stats, _grad_grad):
+    grad, mask = ctx.saved_tensors
+    if grad_stats is None:
+        return (None,) * 11
+    B = grad.shape[0] // 2
+    gs = grad_stats.to(grad.dtype)
+    u = gs[:, COL_LOSS]
+    g = grad * torch.cat([u, u])[:, None]
+    # COL_SUM_W is the plain sum of the chosen policy log-probs over the response
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    chosen = torch.cat([torch.ones(B, dtype=torch.bool, device=g.device),
+                        torch.zeros(B, dtype=torch.bool, device=g.device)])
+    g = g + torch.where((mask != 0) & chosen[:, None], torch.cat([gs[:, COL_SUM_W]] * 2)[:, None],
+                        zero)
+    return (g.to(ctx.policy_dtype),) + (None,) * 10
+
+
+_pairwise_op.register_autograd(_pairwise_backward, setup_context=_pairwise_setup)
+
+
+def pairwise_stats(policy: torch.Tensor, ref: Optional[torch.Tensor], mask: torch.Tensor,
+                   pilot: Optional[torch.Tensor], cfg: PairwiseConfig,
+                   impl: str = "auto") -> torch.Tensor:
+    """``stats [B, N_STATS]`` of shape-checked inputs, differentiable w.r.t. ``policy``
+    through ``COL_LOSS`` and ``COL_SUM_W`` (see the module docstring)."""
+    name = resolve_impl(impl, policy.device.type, policy.dtype == torch.float64)
+    stats, _ = torch.ops.sgdpo_fast.pairwise_loss(
+        policy, ref, mask, pilot, cfg.loss_type, float(cfg.beta), float(cfg.label_smoothing),
+        float(cfg.simpo_gamma), bool(cfg.average_log_prob), bool(cfg.pilot_grad), name)
+    return stats

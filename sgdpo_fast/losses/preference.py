@@ -29,13 +29,9 @@ from typing import Dict, Optional
 import torch
 
 from . import formulas
-from .pairwise import (COL_LOGP_L, COL_LOGP_W, COL_PIL_L, COL_PIL_W, COL_REW_L, COL_REW_W,
-                       PairwiseConfig, pairwise_loss)
+from .pairwise import (COL_LOGP_L, COL_LOGP_W, COL_LOSS, COL_PIL_L, COL_PIL_W, COL_REW_L,
+                       COL_REW_W, COL_SUM_W, PairwiseConfig, pairwise_stats)
 from .pilots import draw_pilot_masks
-
-# which pairwise implementation preference_loss uses ("auto": Triton kernel on CUDA,
-# torch elsewhere); a module-level switch read at call time (tests set it)
-PAIRWISE_IMPL = "auto"
 
 
 @dataclass
@@ -77,7 +73,7 @@ def _finite(name, val, *, positive=False, nonneg=False):
         raise ValueError(f"{name} must be >= 0, got {val!r}")
 
 
-def _as_bool_mask(name: str, m, shape, device) -> torch.Tensor:
+def _check_mask(name: str, m, shape, device) -> None:
     if not isinstance(m, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
     if m.is_complex():
@@ -86,12 +82,14 @@ def _as_bool_mask(name: str, m, shape, device) -> torch.Tensor:
         raise ValueError(f"{name} shape {tuple(m.shape)} must equal policy_token_logps shape {tuple(shape)}")
     if m.device != device:
         raise ValueError(f"{name} is on {m.device} but policy_token_logps is on {device}")
-    return m if m.dtype == torch.bool else m != 0
 
 
 def validate_preference_inputs(policy, ref, mask, *, loss_type, beta, label_smoothing, r1, r2,
                                pilot_masks, pilot_mode, generator, simpo_gamma, nll_alpha):
-    """Raise ``ValueError`` naming the problem; return ``(mask, pilot_masks)`` as bool tensors."""
+    """Raise ``ValueError`` naming the problem.  Only types, shapes, devices and Python
+    scalars are looked at here (``torch.compile`` traces it); the checks that read tensor
+    values (empty responses, pilots outside the response, masks that are not 0/1) run
+    inside the pairwise op (``pairwise.check_masks``)."""
     if loss_type not in formulas.LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {formulas.LOSS_TYPES}")
     if not isinstance(policy, torch.Tensor) or not policy.is_floating_point():
@@ -113,14 +111,7 @@ def validate_preference_inputs(policy, ref, mask, *, loss_type, beta, label_smoo
                              f"shape {tuple(policy.shape)}")
         if ref.device != policy.device:
             raise ValueError(f"ref_token_logps is on {ref.device} but policy_token_logps is on {policy.device}")
-    mask = _as_bool_mask("mask", mask, policy.shape, policy.device)
-    B = rows // 2
-    counts = mask.sum(1)
-    if bool((counts == 0).any()):
-        row = int((counts == 0).nonzero()[0, 0])
-        side = "chosen" if row < B else "rejected"
-        raise ValueError(f"pair {row % B} has no response token in its {side} answer (mask row {row} "
-                         f"is all False)")
+    _check_mask("mask", mask, policy.shape, policy.device)
     _finite("beta", beta, positive=True)
     _finite("label_smoothing", label_smoothing, nonneg=True)
     if loss_type == "robust" and not label_smoothing < 0.5:
@@ -142,13 +133,7 @@ def validate_preference_inputs(policy, ref, mask, *, loss_type, beta, label_smoo
     if pilot_masks is not None:
         if loss_type != "sgdpo":
             raise ValueError(f"pilot_masks only apply to loss_type='sgdpo' (got {loss_type!r})")
-        pilot_masks = _as_bool_mask("pilot_masks", pilot_masks, policy.shape, policy.device)
-        if bool((pilot_masks & ~mask).any()):
-            raise ValueError("pilot_masks marks positions outside the response (mask)")
-        if bool((pilot_masks.sum(1) == 0).any()):
-            row = int((pilot_masks.sum(1) == 0).nonzero()[0, 0])
-            raise ValueError(f"pilot_masks row {row} is empty: every answer needs at least one pilot token")
-    return mask, pilot_masks
+        _check_mask("pilot_masks", pilot_masks, policy.shape, policy.device)
 
 
 def preference_loss(
@@ -168,6 +153,7 @@ def preference_loss(
     average_log_prob: bool = False,
     simpo_gamma: float = 0.5,
     nll_alpha: float = 0.0,
+    pairwise_impl: str = "auto",
 ) -> PreferenceLossOutput:
     """Preference loss of ``B`` pairs from per-token log-probs.
 
@@ -184,9 +170,12 @@ def preference_loss(
     ``pilot_grad=True``.  With ``average_log_prob=True`` SGDPO divides each sum by
     its own token count (responses by their lengths, pilots by ``k``).
 
-    On CUDA the pairwise math runs in one Triton kernel (fp32); elsewhere in torch.
+    ``pairwise_impl``: ``"auto"`` runs the pairwise math in one Triton kernel (fp32) on
+    CUDA and in torch elsewhere; ``"torch"`` or ``"triton"`` force one.
+    ``torch.compile(fullgraph=True)`` traces it (with ``pilot_masks`` given: drawing
+    pilots from a ``torch.Generator`` is outside what the compiler traces).
     """
-    mask, pilot_masks = validate_preference_inputs(
+    validate_preference_inputs(
         policy_token_logps, ref_token_logps, mask, loss_type=loss_type, beta=beta,
         label_smoothing=label_smoothing, r1=pilot_ratio_chosen, r2=pilot_ratio_rejected,
         pilot_masks=pilot_masks, pilot_mode=pilot_mode, generator=generator,
@@ -194,12 +183,20 @@ def preference_loss(
     pilot = None
     if loss_type == "sgdpo":
         pilot = pilot_masks if pilot_masks is not None else draw_pilot_masks(
-            mask, pilot_ratio_chosen, pilot_ratio_rejected, pilot_mode, generator)
+            mask if mask.dtype == torch.bool else mask != 0, pilot_ratio_chosen,
+            pilot_ratio_rejected, pilot_mode, generator)
     ref = None if loss_type == "simpo" else ref_token_logps
     cfg = PairwiseConfig(loss_type, float(beta), float(label_smoothing), float(simpo_gamma),
                          bool(average_log_prob), bool(pilot_grad))
-    loss, losses, stats, nll = pairwise_loss(policy_token_logps, ref, mask, pilot, cfg,
-                                             float(nll_alpha), impl=PAIRWISE_IMPL)
+    stats = pairwise_stats(policy_token_logps, ref, mask, pilot, cfg, impl=pairwise_impl)
+    B = stats.shape[0]
+    nll = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    if nll_alpha:
+        # TRL's rpo_alpha: minus the mean policy log-prob over all chosen response tokens
+        nll = -stats[:, COL_SUM_W].sum() / (mask[:B] != 0).sum().to(stats.dtype)
+    losses = stats[:, COL_LOSS] + float(nll_alpha) * nll
+    loss = losses.mean()
+    stats = stats.detach()
     cr, rr = stats[:, COL_REW_W], stats[:, COL_REW_L]
     metrics = {
         "rewards/chosen": cr.mean(),
@@ -213,8 +210,9 @@ def preference_loss(
         metrics["sgdpo/pilot_chosen"] = stats[:, COL_PIL_W].mean()
         metrics["sgdpo/pilot_rejected"] = stats[:, COL_PIL_L].mean()
     if nll_alpha:
-        metrics["nll_loss"] = nll
+        metrics["nll_loss"] = nll.detach()
     return PreferenceLossOutput(
         loss=loss, losses=losses, chosen_rewards=cr, rejected_rewards=rr,
         chosen_logps=stats[:, COL_LOGP_W], rejected_logps=stats[:, COL_LOGP_L],
-        nll_loss=nll, pilot_masks=pilot, metrics=metrics)
+        nll_loss=nll.detach(), pilot_masks=None if pilot is None else pilot != 0,
+        metrics=metrics)

@@ -1,4 +1,8 @@
-from .logprob import FusedTokenLogprobFunction, fused_token_logprobs
+"""The log-prob op (layer 0 of the package): plan, tiled driver, backends, custom op,
+vocab-parallel."""
+from .logprob import fused_token_logprobs, token_logprobs
+from .plan import METRICS, LogprobPlan, TileConfig, TritonConfig
 from .transform import LogitTransform
 
-__all__ = ["FusedTokenLogprobFunction", "fused_token_logprobs", "LogitTransform"]
+__all__ = ["fused_token_logprobs", "token_logprobs", "LogprobPlan", "TileConfig",
+           "TritonConfig", "METRICS", "LogitTransform"]

@@ -35,8 +35,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..data.records import read_jsonl, write_jsonl
-from ..generation import GenConfig, generate
-from ..models import chat_prompt
+from ..model.generation import GenConfig, generate
+from ..model.chat import chat_prompt
 from ..trainer import TrainConfig, train
 from ..trainer.batches import answer_mask, collate, encode, token_logps
 from .filters import decide

@@ -13,9 +13,8 @@ from typing import List, Sequence
 
 import torch
 
-from ..models import answer_suffix_ids, chat_prompt
-
-IGNORE = -100
+from ..model.chat import answer_suffix_ids, chat_prompt
+from ..model.head import IGNORE, causal_lm_logprobs
 
 
 @dataclass
@@ -61,29 +60,9 @@ def answer_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 def token_logps(model, batch, backend: str = "auto") -> torch.Tensor:
-    """Per-token log-probs [B, T-1] (fp32, 0 off the answer) of a Hugging Face causal LM.
-
-    Only the backbone (``model.base_model``) runs; its hidden states at answer positions
-    and the LM-head weight go to ``sgdpo_fast``'s fused op (with the model's softcap /
-    logit scale), so the ``[B, T, V]`` logits are never built and ``lm_head`` is never
-    called.  Same computation as ``apply_fused_lm_head``, without patching the model."""
-    from ..distributed import head_module_logprobs
-    from ..integrations.hf import head_transform_from_config
-
-    base = model.base_model
-    if base is model:
-        raise ValueError("model.base_model is the model itself: not a *ForCausalLM with a head")
-    head = model.get_output_embeddings()
-    dev = head.weight.device
-    ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    out = base(input_ids=ids, attention_mask=att, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    tgt = batch["labels"].to(dev)[:, 1:]
-    mask = tgt != IGNORE
-    softcap, scale = head_transform_from_config(model.config)
-    cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else head.weight.dtype
-    h = hidden[:, :-1][mask].to(cdt)
-    with torch.autocast(dev.type, enabled=False):
-        lp = head_module_logprobs(head, h, tgt[mask], softcap=softcap, logit_scale=scale,
-                                  backend=backend)
-    return lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+    """Per-token log-probs [B, T-1] (fp32, 0 off the answer) of a Hugging Face causal LM,
+    through the fused head (``model.head.causal_lm_logprobs``: no full logits)."""
+    dev = model.get_output_embeddings().weight.device
+    return causal_lm_logprobs(model, input_ids=batch["input_ids"].to(dev),
+                              attention_mask=batch["attention_mask"].to(dev),
+                              labels=batch["labels"].to(dev), backend=backend).log_probs

@@ -1,70 +1,84 @@
 """Backends of the log-prob op.
 
-A backend is a module with two functions (all tensors on one device):
+A backend is a module with two functions; all tensors on one device, the plan resolved
+(``sgdpo_fast.ops.plan.LogprobPlan``):
 
-``forward(hidden, weight, bias, targets, ignore_index, tf) -> (logp, lse)``
-    hidden [N, D] and weight [V, D] contiguous, one dtype (fp32/fp16/bf16);
-    bias [V] same dtype or None; targets [N] int64 (values in [0, V) or
-    ignore_index); tf a ``LogitTransform``.  logp [N] fp32 with 0 at ignored
-    positions; lse [N] fp32, the logsumexp of the transformed logits.
+``forward(hidden, weight, bias, targets, plan) -> sweep.TokenStats``
+    hidden [n, D] and weight [V, D] contiguous, one dtype (fp32/fp16/bf16); bias [V] same
+    dtype or None; targets [n] int64, an id in ``[0, V)`` or any other value for "no target
+    in this vocabulary range" (the op maps ignored rows away and, vocab-parallel, targets
+    another rank owns to -1).  Returns the per-token statistics of the range; with
+    ``plan.metrics`` also their extras (``sweep.EXTRA``).
 
-``backward(hidden, weight, bias, targets, ignore_index, tf, lse, grad,
-           needs_hidden, needs_weight, needs_bias) -> (dH, dW, db)``
-    grad [N] fp32, already zero at ignored positions.  Gradients in the input
-    dtype, ``None`` where not needed, accumulated in fp32.
+``backward(hidden, weight, bias, targets, lse, grad, plan, needs_hidden, needs_weight,
+           needs_bias) -> (dH, dW, db)``
+    lse [n] fp32 (of the whole vocabulary), grad [n] fp32.  Gradients in the input dtype,
+    ``None`` where not needed, accumulated in fp32.
+
+| backend | device | how |
+|---|---|---|
+| ``torch``  | any  | ``sweep.py`` driver + the torch epilogue |
+| ``cpu``    | CPU  | ``sweep.py`` driver + the C++ epilogue (``sgdpo_fast._C``) |
+| ``cuda``   | CUDA | ``sweep.py`` driver + the CUDA epilogue (``sgdpo_fast._C_cuda``) |
+| ``triton`` | CUDA (CPU under ``TRITON_INTERPRET=1``) | fused kernels of ``sgdpo_fast.kernels`` |
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
-_MODULES = {
-    "torch": "sgdpo_fast.ops.backends.torch_backend",
-    "cpu": "sgdpo_fast.ops.backends.cpu_backend",
-    "triton": "sgdpo_fast.ops.backends.triton_backend",
-    "cuda": "sgdpo_fast.ops.backends.cuda_backend",
-}
-BACKENDS = tuple(_MODULES)
+from ..plan import BACKENDS
 
 
-def triton_usable(device: torch.device) -> bool:
+
+def triton_usable(device_type: str) -> bool:
     """Triton runs on CUDA devices, and on CPU tensors only under TRITON_INTERPRET=1."""
-    import os
     try:
         import triton  # noqa: F401
     except Exception:
         return False
-    if device.type == "cuda":
+    if device_type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(name: str, device: torch.device, N: int = 0, V: int = 0, D: int = 0) -> str:
-    """Map ``backend=`` to a concrete backend name for this device (and shape)."""
+@torch.compiler.assume_constant_result
+def resolve(name: str, device_type: str) -> str:
+    """Map ``backend=`` to a concrete backend for a device type (``"cpu"``, ``"cuda"``, ...).
+
+    ``auto``: on CUDA the ``triton`` kernels, else the ``cuda`` extension, else ``torch``;
+    on CPU the ``cpu`` backend when the C++ extension is built, else ``torch``.  A constant
+    for ``torch.compile`` (it depends on the machine, not on tensor values)."""
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    if name != "auto":
-        if name == "cpu" and device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got device {device}")
-        if name == "cuda" and device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got device {device}")
-        if name == "triton" and not triton_usable(device):
-            raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU) "
-                             "and the triton package")
-        return name
-    if device.type == "cuda":
-        # DESIGN.md asks for the faster of triton/cuda per shape from measured results; no GPU
-        # run has produced them yet, so triton (fully fused) first, then the cuda extension
-        if triton_usable(device):
-            return "triton"
-        from .. import native
-        return "cuda" if native.cuda_epilogue() is not None else "torch"
-    if device.type == "cpu":
-        from .. import native
-        return "cpu" if native.cpu_epilogue() is not None else "torch"
-    return "torch"
+    from .. import native
+    if name == "auto":
+        if device_type == "cuda":
+            # no GPU measurement has been taken yet to choose between triton and cuda per shape
+            if triton_usable(device_type):
+                return "triton"
+            return "cuda" if native.cuda_epilogue() is not None else "torch"
+        if device_type == "cpu":
+            return "cpu" if native.cpu_epilogue() is not None else "torch"
+        return "torch"
+    if name == "cpu":
+        if device_type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got device {device_type}")
+        if native.cpu_epilogue() is None:
+            raise ValueError("backend='cpu' needs the C++ extension sgdpo_fast._C: "
+                             + native.why_missing())
+    if name == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got device {device_type}")
+    if name == "triton" and not triton_usable(device_type):
+        raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU) "
+                         "and the triton package")
+    return name
 
 
 def get(name: str):
-    return importlib.import_module(_MODULES[name])
+    """The backend module ``name`` (a concrete name, see ``resolve``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return importlib.import_module(f"sgdpo_fast.ops.backends.{name}_backend")

