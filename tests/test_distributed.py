@@ -64,6 +64,8 @@ def _vp_inputs(seed, N, D, V, bias):
     t = torch.randint(0, V, (N,), generator=g)
     t[torch.rand(N, generator=g) < 0.25] = -100
     t[0], t[1] = 0, V - 1  # one target on the first shard, one on the last
+    logits = h @ w.t() + (0 if b is None else b)
+    t[2:4] = logits[2:4].argmax(1)  # targets that are the top-1 (is_top1 across shards)
     up = torch.randn(N, generator=g)
     return h, w, b, t, up
 
@@ -82,8 +84,13 @@ def _vp_worker(rank, port, seed, out):
         lp = vocab_parallel_token_logprobs(h, ws, t, vocab_start=start, bias_shard=bs,
                                            vocab_size=V, **kw)
         (lp * up).sum().backward()
+        # the metrics from the same sweep, merged across the shards (max, sums, first argmax)
+        _, met = sf.ops.token_logprobs(
+            h.detach(), ws.detach(), t, bias=None if bs is None else bs.detach(), **kw,
+            plan=sf.LogprobPlan(metrics=sf.ops.METRICS, group=dist.group.WORLD,
+                                vocab_start=start))
         res.append(dict(start=start, logp=lp.detach(), dH=h.grad, dW=ws.grad,
-                        db=None if bs is None else bs.grad))
+                        db=None if bs is None else bs.grad, metrics=met))
     torch.save(res, os.path.join(out, f"vp{rank}.pt"))
     _finish()
 
@@ -253,6 +260,11 @@ def test_vocab_parallel_matches_single_process(vp_results, case):
         assert (rs[r]["logp"][t == -100] == 0).all()
         assert rel_err(rs[r]["dH"], ref_grads[0]) < 1e-4          # dH all-reduced: same on every rank
         assert rel_err(rs[r]["dH"], h.grad) < 1e-5
+    _, met = sf.ops.token_logprobs(h.detach(), w.detach(), t, bias=None if b is None else b.detach(),
+                                   backend="torch", plan=sf.LogprobPlan(metrics=sf.ops.METRICS), **kw)
+    for r in range(WORLD):
+        for k, v in met.items():
+            torch.testing.assert_close(rs[r]["metrics"][k], v, rtol=1e-5, atol=1e-5, msg=k)
     dW = torch.cat([rs[r]["dW"] for r in range(WORLD)])         # dW stays local to each shard
     assert dW.shape == w.shape
     assert rel_err(dW, ref_grads[1]) < 1e-4
