@@ -741,6 +741,22 @@ def _bad_cases():
         ("beta", dict(kw=dict(beta=0.0)), "beta"),
         ("pilot mode", dict(kw=dict(pilot_mode="shared")), "pilot_mode"),
         ("generator", dict(kw=dict(generator=7)), "generator"),
+        ("exo without smoothing", dict(kw=dict(loss_type="exo_pair")), "exo_pair"),
+        ("bco smoothing", dict(kw=dict(loss_type="bco_pair", label_smoothing=0.1)), "label_smoothing"),
+        ("loss_weights length", dict(kw=dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0])),
+         "loss_weights"),
+        ("empty loss list", dict(kw=dict(loss_type=[])), "at least one"),
+        ("unknown in list", dict(kw=dict(loss_type=["sigmoid", "dpo"])), "loss_type"),
+        ("f-div on bco", dict(kw=dict(loss_type="bco_pair", f_divergence_type="forward_kl")),
+         "f_divergence_type"),
+        ("unknown f-div", dict(kw=dict(loss_type="sigmoid", f_divergence_type="kl")), "f_divergence_type"),
+        ("ld_alpha range", dict(kw=dict(loss_type="sigmoid", ld_alpha=1.5)), "ld_alpha"),
+        ("wpo without lss", dict(kw=dict(loss_type="sigmoid", use_weighting=True)), "log_sum_sq_probs"),
+        ("wpo aot", dict(kw=dict(loss_type="aot", use_weighting=True)), "aot"),
+        ("discopop tau", dict(kw=dict(loss_type="discopop", discopop_tau=0.0)), "discopop_tau"),
+        ("triton aot", dict(kw=dict(loss_type="aot", pairwise_impl="triton")), "sorts the batch"),
+        ("sft alone needs no reference", dict(ref=None, kw=dict(loss_type=["sft", "ipo"])),
+         "'ipo' needs ref_token_logps"),
     ]
 
 
