@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..model.head import causal_lm_logprobs, head_transform_from_config
+from ..model.head import causal_lm_logprobs, head_transform_from_config, unwrap_peft
 from ..ops.plan import METRICS
 
 try:  # transformers is optional for the rest of the package
@@ -77,13 +77,15 @@ class FusedLMHeadOutput(ModelOutput):
 
 
 def has_fused_lm_head(model) -> bool:
-    """True when ``model`` carries :func:`apply_fused_lm_head`'s forward."""
-    return isinstance(getattr(model, "__dict__", {}).get("forward"), _FusedForward)
+    """True when ``model`` (or the model inside a PEFT wrapper) carries
+    :func:`apply_fused_lm_head`'s forward."""
+    return isinstance(getattr(unwrap_peft(model), "__dict__", {}).get("forward"), _FusedForward)
 
 
 def remove_fused_lm_head(model) -> None:
     """Undo :func:`apply_fused_lm_head` (restores the forward it wrapped).  Afterwards
     ``model(..., fused_lm_head=True)`` raises (see the module docstring)."""
+    model = unwrap_peft(model)
     fwd = model.__dict__.get("forward")
     if not isinstance(fwd, _FusedForward):
         return
@@ -193,14 +195,15 @@ def apply_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     """
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError("model must be a causal LM with an output embedding (lm_head)")
+    target = unwrap_peft(model)   # a PeftModel passes fused_lm_head=True down to its model
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     bad = [o for o in outputs if o not in OUTPUTS]
     if bad:
         raise ValueError(f"outputs: unknown fields {bad}; known {OUTPUTS}")
-    remove_fused_lm_head(model)
-    _guard_class(type(model))
+    remove_fused_lm_head(target)
+    _guard_class(type(target))
     options = _HeadOptions(float(temperature), bool(cast_lm_head_to_fp32),
                            tuple(o for o in outputs if o in METRICS), backend)
-    model.__dict__["forward"] = _FusedForward(model, options, model.__dict__.get("forward"))
+    target.__dict__["forward"] = _FusedForward(target, options, target.__dict__.get("forward"))
     return model
