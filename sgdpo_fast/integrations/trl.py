@@ -21,9 +21,9 @@ trainer the same fused-LM-head protocol, which is what this module hooks:
 :class:`SGDPOTrainer` therefore (1) swaps ``add_fused_lm_head`` for
 :func:`sgdpo_fast.apply_fused_lm_head` while ``DPOTrainer.__init__`` runs, so
 both models' heads run our op (hidden states + ``lm_head.weight``, never the
-logits) for *every* TRL loss type, and (2) overrides ``_compute_loss`` for
-``loss_type="sgdpo"`` only, because SGDPO's pilots need the *per-token*
-log-ratios that TRL sums away; every other loss type is TRL's own code.
+logits) for *every* TRL loss type, and (2) overrides ``_compute_loss`` when
+``"sgdpo"`` is among the loss types, because SGDPO's pilots need the *per-token*
+log-ratios that TRL sums away; without it, TRL's own code computes the loss.
 
 With ``"sgdpo"`` among the loss types the whole list goes through
 :func:`sgdpo_fast.preference_loss` (TRL's loss types are the same formulas there, tested
