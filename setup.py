@@ -68,24 +68,35 @@ def _cuda_gencode():
 def _extensions():
     if _env("SGDPO_FAST_NO_EXT"):
         return [], {}
-    try:
-        import pybind11
-        from pybind11.setup_helpers import Pybind11Extension, build_ext
-    except ImportError as e:  # pyproject.toml lists it; only a non-isolated build can lack it
-        raise RuntimeError("building sgdpo_fast's extensions needs pybind11 (`pip install pybind11`, or "
-                           "SGDPO_FAST_NO_EXT=1 for a build without them)") from e
     native = [] if _env("SGDPO_FAST_PORTABLE") else ["-march=native"]
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"] + native
-    exts = [Pybind11Extension("sgdpo_fast._C", ["csrc/bindings.cpp", "csrc/cpu/epilogue.cpp"],
-                              include_dirs=["csrc"], extra_compile_args=cxx,
-                              extra_link_args=["-fopenmp"], cxx_std=17)]
+    cpu_src = ["csrc/bindings.cpp", "csrc/cpu/epilogue.cpp"]
+    try:  # pyproject.toml's build requirement
+        import pybind11
+        from pybind11.setup_helpers import Pybind11Extension, build_ext
+        pybind_inc = pybind11.get_include()
+        exts = [Pybind11Extension("sgdpo_fast._C", cpu_src, include_dirs=["csrc"],
+                                  extra_compile_args=cxx, extra_link_args=["-fopenmp"], cxx_std=17)]
+    except ImportError:
+        # a non-isolated build without pybind11 (e.g. `make gpu-check`'s system python):
+        # torch ships pybind11's headers; plain setuptools compiles the module with them
+        try:
+            import torch
+        except ImportError as e:
+            raise RuntimeError("building sgdpo_fast's extensions needs pybind11 (`pip install "
+                               "pybind11`), or SGDPO_FAST_NO_EXT=1 for a build without them") from e
+        from setuptools.command.build_ext import build_ext
+        pybind_inc = os.path.join(os.path.dirname(torch.__file__), "include")
+        exts = [Extension("sgdpo_fast._C", cpu_src, include_dirs=["csrc", pybind_inc],
+                          extra_compile_args=cxx + ["-std=c++17", "-fvisibility=hidden"],
+                          extra_link_args=["-fopenmp"], language="c++")]
     nvcc = _nvcc()
     if nvcc:
         exts.append(Extension("sgdpo_fast._C_cuda", ["csrc/cuda/bindings.cpp", "csrc/cuda/epilogue.cu"],
-                              include_dirs=["csrc", pybind11.get_include()]))
+                              include_dirs=["csrc", pybind_inc]))
 
     class BuildExt(build_ext):
-        """pybind11's build_ext, plus the CUDA module built with nvcc (optional: a failure
+        """pybind11's (or setuptools') build_ext, plus the CUDA module built with nvcc (optional: a failure
         warns and leaves it to the JIT build of sgdpo_fast/ops/native.py)."""
 
         def build_extension(self, ext):
