@@ -204,8 +204,10 @@ def _trl_dpo_loss(policy, ref, mask, loss_type, beta, label_smoothing, *, loss_w
     def ref_model(**_):
         return types.SimpleNamespace(log_probs=ref_log_probs)
 
+    stand_in = torch.nn.Module()          # a module: accelerate's is_peft_model inspects it
+    stand_in.is_gradient_checkpointing = False
     trainer = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        model=stand_in,
         ref_model=ref_model, accelerator=Acc(), aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=False, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha, loss_types=lts,
