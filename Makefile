@@ -1,31 +1,48 @@
 # The README's commands: `make test` and `make demo` set everything up on a fresh machine.
+# `make demo` installs only what the demo needs (torch, the package with its `train` and
+# `bench` extras, versions pinned by requirements-dev.txt as constraints); `make test` (and
+# `make venv`) install the full development set, which includes the demo's.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 GPU_OUT ?= bench/results/gpu-check
 
-.PHONY: venv test test-fast demo bench gpu-check nvcc-check clean
+.PHONY: venv demo-venv test test-fast demo bench gpu-check nvcc-check wheel-check clean
 
-$(STAMP): setup.py requirements-dev.txt
+$(STAMP): setup.py pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): setup.py pyproject.toml requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c requirements-dev.txt -e ".[train,bench]"
+	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
+
+demo-venv: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m examples.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# sdist + wheel with `python -m build`, the wheel installed into a clean venv, smoke-tested
+wheel-check: $(STAMP)
+	bash scripts/wheel_check.sh
 
 # On a CUDA machine with the project's files and no network: system python, no venv.
 gpu-check:
@@ -35,4 +52,4 @@ nvcc-check:
 	bash scripts/nvcc_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info sgdpo_fast/*.so
+	rm -rf $(VENV) build dist *.egg-info sgdpo_fast/*.so

@@ -20,6 +20,8 @@ _LAZY = {
     "preference_loss": "sgdpo_fast.losses",
     "PreferenceLossOutput": "sgdpo_fast.losses",
     "FusedLinearPreferenceLoss": "sgdpo_fast.losses",
+    "FusedLinearDPOLoss": "sgdpo_fast.losses",
+    "LOSS_TYPES": "sgdpo_fast.losses",
     "apply_fused_lm_head": "sgdpo_fast.integrations.hf",
 }
 

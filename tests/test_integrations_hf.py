@@ -179,3 +179,50 @@ def test_fused_head_cuda_autocast_bf16(kind):
     out.log_probs.sum().backward()
     assert model.lm_head.weight.grad.dtype == torch.float32
     assert torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_patch_survives_deepcopy_and_pickle():
+    """Issue 13 item 5: the patch lives on the model object, without a closure: a deep copy
+    (its own weights) and a pickled whole model (torch.save / torch.load) keep it."""
+    import copy
+    import io
+    from sgdpo_fast.integrations.hf import has_fused_lm_head
+    model = _model("llama").eval()
+    ids, labels = _batch(model.config.vocab_size)
+    sf.apply_fused_lm_head(model)
+    want = model(ids, labels=labels, fused_lm_head=True).log_probs
+    twin = copy.deepcopy(model)
+    assert has_fused_lm_head(twin)
+    torch.testing.assert_close(twin(ids, labels=labels, fused_lm_head=True).log_probs, want)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)        # the copy's head is its own
+    assert not torch.allclose(twin(ids, labels=labels, fused_lm_head=True).log_probs, want)
+    torch.testing.assert_close(model(ids, labels=labels, fused_lm_head=True).log_probs, want)
+    assert torch.allclose(twin(ids).logits, twin.lm_head(twin.model(ids).last_hidden_state))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert has_fused_lm_head(loaded)
+    torch.testing.assert_close(loaded(ids, labels=labels, fused_lm_head=True).log_probs, want)
+    out = loaded.generate(ids[:1, :4], max_new_tokens=2, do_sample=False)   # generation unchanged
+    assert out.shape == (1, 6)
+
+
+def test_lost_patch_fails_loudly(tmp_path):
+    """A new model object (from_pretrained) or a removed patch: fused_lm_head=True raises and
+    says to re-apply, instead of transformers silently returning full logits."""
+    model = _model("llama").eval()
+    ids, labels = _batch(model.config.vocab_size)
+    sf.apply_fused_lm_head(model)
+    model.save_pretrained(tmp_path)
+    fresh = type(model).from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match="apply_fused_lm_head"):
+        fresh(ids, labels=labels, fused_lm_head=True)
+    assert fresh(ids, labels=labels).logits.shape == (3, 11, model.config.vocab_size)
+    sf.apply_fused_lm_head(fresh)                 # re-applied: works, same numbers
+    torch.testing.assert_close(fresh(ids, labels=labels, fused_lm_head=True).log_probs,
+                               model(ids, labels=labels, fused_lm_head=True).log_probs)
+    remove_fused_lm_head(model)
+    with pytest.raises(ValueError, match="apply_fused_lm_head"):
+        model(ids, labels=labels, fused_lm_head=True)

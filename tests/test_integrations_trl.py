@@ -219,13 +219,110 @@ def test_patched_head_refuses_entropy_gradient():
 
 def test_sgdpo_config_validation(tmp_path):
     base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    with pytest.raises(ValueError, match="combined"):
-        SGDPOConfig(**base, loss_type=["sgdpo", "sigmoid"])
+    with pytest.raises(ValueError, match="kto"):
+        SGDPOConfig(**base, loss_type=["sgdpo", "kto"])
+    with pytest.raises(ValueError, match="TRL's loss types"):
+        SGDPOConfig(**base, loss_type=["sgdpo", "simpo"])
     with pytest.raises(ValueError, match="pilot_ratio_chosen"):
         SGDPOConfig(**base, loss_type="sgdpo", pilot_ratio_chosen=0.0)
     with pytest.raises(ValueError, match="pilot_mode"):
         SGDPOConfig(**base, loss_type="sgdpo", pilot_mode="both")
-    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
-        SGDPOConfig(**base, loss_type="sgdpo", precompute_ref_log_probs=True)
-    cfg = SGDPOConfig(**base, loss_type="sgdpo")
+    with pytest.raises(ValueError, match="TRL 1.16 ignores it"):
+        SGDPOConfig(**base, loss_type=["sgdpo", "sigmoid"], label_smoothing=0.1)
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        SGDPOConfig(**base, loss_type=["sgdpo", "bco_pair"], f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="loss_weights"):
+        SGDPOConfig(**base, loss_type=["sgdpo", "sft"], loss_weights=[1.0])
+    cfg = SGDPOConfig(**base)
+    assert cfg.loss_type == ["sgdpo"]                      # the default of this entry point
     assert (cfg.pilot_ratio_chosen, cfg.pilot_ratio_rejected, cfg.beta) == (0.6, 0.9, 0.1)
+    SGDPOConfig(**base, loss_type=["sgdpo", "sft"], precompute_ref_log_probs=True, ld_alpha=0.5,
+                f_divergence_type="js_divergence", label_smoothing=0.1)
+    assert DPOConfig(**base).loss_type == ["sigmoid"]     # TRL's default is untouched
+
+
+def test_config_mistakes_fail_when_the_trainer_is_built(models_, tokenizer, dataset, tmp_path):
+    """Issue 13 item 4: not at the first step, and the message says what to use."""
+    with pytest.raises(ValueError, match="SGDPOConfig"):
+        _trainer(SGDPOTrainer, DPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                 loss_type="sgdpo")
+    with pytest.raises(ValueError, match="build sgdpo_fast.integrations.trl.SGDPOTrainer"):
+        _trainer(DPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                 loss_type="sgdpo")
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        _trainer(SGDPOTrainer, DPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                 loss_type="kto")
+    # TRL's loss types in TRL's trainer with our config class are fine
+    _trainer(DPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path, loss_type="hinge")
+
+
+@pytest.mark.parametrize("extra", [{}, {"ld_alpha": 0.5}])
+def test_sgdpo_path_runs_trl_types_as_trl_does(models_, tokenizer, dataset, tmp_path, extra):
+    """With 'sgdpo' in the list the whole list goes through preference_loss: weight 0 on
+    sgdpo leaves TRL's own loss types, which must equal TRL's trainer on the same batch."""
+    types, weights = ["bco_pair", "sft"], [0.2, 1.0]
+    theirs = _trainer(DPOTrainer, DPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                      loss_type=types, loss_weights=weights, **extra)
+    ours = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                    loss_type=["sgdpo"] + types, loss_weights=[0.0] + weights, **extra)
+    batch = next(iter(theirs.get_train_dataloader()))
+    l1, g1, m1 = _loss_and_grads(theirs, batch)
+    l2, g2, m2 = _loss_and_grads(ours, batch)
+    assert torch.allclose(l2, l1, rtol=1e-5, atol=1e-7), (l1, l2)
+    assert rel_err(g2, g1) < 1e-4
+    for key in ("rewards/margins", "logps/chosen", "logps/rejected", "entropy"):
+        assert math.isclose(m1[key], m2[key], rel_tol=1e-4, abs_tol=1e-5), key
+
+
+def _final_params(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_sgdpo_precomputed_reference_equals_live_reference(models_, tokenizer, dataset, tmp_path):
+    """precompute_ref_log_probs=True with sgdpo: per-token reference log-probs stored with
+    the dataset, no reference model kept, and the same training as a live reference."""
+    kw = dict(loss_type="sgdpo", max_steps=3, learning_rate=1e-2, pilot_seed=7)
+    live = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path / "a", **kw)
+    policy, _ = models_
+    pre = SGDPOTrainer(model=copy.deepcopy(policy), ref_model=None, args=SGDPOConfig(
+        output_dir=str(tmp_path / "b"), report_to="none", per_device_train_batch_size=4, use_cpu=True,
+        save_strategy="no", logging_steps=1, disable_dropout=True, bf16=False,
+        precompute_ref_log_probs=True, **kw),
+        train_dataset=dataset["plain"], processing_class=tokenizer)
+    # the live run's reference is a copy of the initial policy, like the precompute's
+    live.ref_model.load_state_dict(policy.state_dict())
+    assert pre.ref_model is None
+    cols = pre.train_dataset.column_names
+    assert "ref_chosen_token_logps" in cols and "ref_rejected_token_logps" in cols
+    row = pre.train_dataset[0]
+    assert len(row["ref_chosen_token_logps"]) >= 1 and all(x <= 0 for x in row["ref_chosen_token_logps"])
+    live.train()
+    pre.train()
+    la = [h["loss"] for h in live.state.log_history if "loss" in h]
+    lb = [h["loss"] for h in pre.state.log_history if "loss" in h]
+    assert len(la) == 3 and len(lb) == 3
+    for a, b in zip(la, lb):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (la, lb)
+    assert rel_err(_final_params(pre), _final_params(live)) < 1e-5
+
+
+def test_sgdpo_evaluation_is_deterministic(models_, tokenizer, dataset, tmp_path):
+    trainer = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                       loss_type="sgdpo", per_device_eval_batch_size=2, pilot_ratio_chosen=0.3,
+                       pilot_ratio_rejected=0.3)
+    a = trainer.evaluate(dataset["plain"])["eval_loss"]
+    b = trainer.evaluate(dataset["plain"])["eval_loss"]
+    assert a == b
+    other = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                     loss_type="sgdpo", per_device_eval_batch_size=2, pilot_ratio_chosen=0.3,
+                     pilot_ratio_rejected=0.3, pilot_eval_seed=99)
+    assert other.evaluate(dataset["plain"])["eval_loss"] != a   # the pilots do matter here
+
+
+def test_sgdpo_combined_with_sft_trains(models_, tokenizer, dataset, tmp_path):
+    trainer = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                       loss_type=["sgdpo", "sft"], loss_weights=[1.0, 0.5], max_steps=2,
+                       learning_rate=1e-2, use_weighting=True, ld_alpha=0.5)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and "nll_loss" in h for h in logs)

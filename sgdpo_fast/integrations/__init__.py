@@ -10,6 +10,7 @@ import importlib as _importlib
 _LAZY = {
     "apply_fused_lm_head": "sgdpo_fast.integrations.hf",
     "remove_fused_lm_head": "sgdpo_fast.integrations.hf",
+    "has_fused_lm_head": "sgdpo_fast.integrations.hf",
     "SGDPOConfig": "sgdpo_fast.integrations.trl",
     "SGDPOTrainer": "sgdpo_fast.integrations.trl",
     "patch_trl": "sgdpo_fast.integrations.trl",

@@ -21,9 +21,17 @@ trainer the same fused-LM-head protocol, which is what this module hooks:
 :class:`SGDPOTrainer` therefore (1) swaps ``add_fused_lm_head`` for
 :func:`sgdpo_fast.apply_fused_lm_head` while ``DPOTrainer.__init__`` runs, so
 both models' heads run our op (hidden states + ``lm_head.weight``, never the
-logits) for *every* TRL loss type, and (2) overrides ``_compute_loss`` for
-``loss_type="sgdpo"`` only, because SGDPO's pilots need the *per-token*
-log-ratios that TRL sums away; every other loss type is TRL's own code.
+logits) for *every* TRL loss type, and (2) overrides ``_compute_loss`` when
+``"sgdpo"`` is among the loss types, because SGDPO's pilots need the *per-token*
+log-ratios that TRL sums away; without it, TRL's own code computes the loss.
+
+With ``"sgdpo"`` among the loss types the whole list goes through
+:func:`sgdpo_fast.preference_loss` (TRL's loss types are the same formulas there, tested
+against TRL's code); ``precompute_ref_log_probs=True`` then stores *per-token* reference
+log-probs with the dataset (``ref_chosen_token_logps`` / ``ref_rejected_token_logps``,
+the completion tokens only), since SGDPO's pilots need them, and no reference model stays
+in memory.  Configuration mistakes fail when the trainer is built (see
+:class:`SGDPOConfig`).
 
 :func:`patch_trl` swaps ``_ChunkedLogProbFunction`` (all TRL 1.x trainers: DPO,
 KTO, SFT, GRPO, RLOO) for a shim running our op; :func:`unpatch_trl` restores it.
@@ -31,6 +39,8 @@ KTO, SFT, GRPO, RLOO) for a shim running our op; :func:`unpatch_trl` restores it
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -65,15 +75,51 @@ _check_hooks()
 __all__ = ["SGDPOConfig", "SGDPOTrainer", "patch_trl", "unpatch_trl", "SUPPORTED_TRL"]
 
 _PILOT_MODES = ("different", "same")
+# TRL 1.16's DPO loss types (DPOTrainer._compute_loss)
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                  "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+TOKEN_REF_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+# TRL 1.16 reads label_smoothing in these loss types only (sgdpo_fast's sigmoid would apply cDPO)
+_TRL_SMOOTHED = frozenset({"robust", "exo_pair", "aot", "aot_unpaired"})
+
+
+def _foreign_trainer_check(args) -> None:
+    """Called while a ``transformers.Trainer`` is being built with ``args``: refuse
+    loss_type 'sgdpo' in a trainer that is not :class:`SGDPOTrainer` (TRL's DPOTrainer
+    would fail at its first step with 'Unknown loss type')."""
+    from transformers import Trainer
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Trainer):
+                if not isinstance(obj, SGDPOTrainer):
+                    raise ValueError(
+                        f"{type(obj).__name__} does not know loss_type='sgdpo' (it would fail at its first "
+                        f"step): build sgdpo_fast.integrations.trl.SGDPOTrainer instead, with the same "
+                        f"arguments (model, ref_model, args, train_dataset, processing_class, ...)")
+                return
+        frame = frame.f_back
 
 
 @dataclass
 class SGDPOConfig(DPOConfig):
-    """``DPOConfig`` plus SGDPO (``loss_type="sgdpo"``) and the fused-head options.
+    """``DPOConfig`` plus SGDPO and the fused-head options.  Default ``loss_type`` is
+    ``["sgdpo"]`` (a plain ``DPOConfig`` keeps TRL's ``["sigmoid"]``).
 
-    Every TRL loss type keeps working; ``"sgdpo"`` must be the only loss type.
+    Every TRL loss type keeps working.  ``"sgdpo"`` may be combined with TRL's loss types
+    (``loss_weights``, e.g. ``["sgdpo", "sft"]``) and used with ``ld_alpha``,
+    ``f_divergence_type``, ``use_weighting`` and ``precompute_ref_log_probs=True``
+    (per-token reference log-probs stored with the dataset).  Mistakes raise here, or
+    when a trainer other than :class:`SGDPOTrainer` is built with a config whose loss
+    types include ``"sgdpo"``.  Evaluation draws its pilots from a generator re-seeded
+    with ``pilot_eval_seed`` at every ``evaluate()`` call, so ``eval_loss`` is
+    reproducible.
     """
 
+    loss_type: list = field(default_factory=lambda: ["sgdpo"], metadata={
+        "help": "Loss type(s): 'sgdpo' (default) or any of TRL's DPO loss types, or a list combined "
+                "with loss_weights."})
     pilot_ratio_chosen: float = field(default=0.6, metadata={
         "help": "SGDPO r1: fraction of min(len_w, len_l) chosen-response positions in the chosen pilot."})
     pilot_ratio_rejected: float = field(default=0.9, metadata={
@@ -84,6 +130,9 @@ class SGDPOConfig(DPOConfig):
         "help": "Backpropagate through the pilots (the released code treats them as constants)."})
     pilot_seed: Optional[int] = field(default=None, metadata={
         "help": "Seed of the pilot generator (per process: seed + process index); None uses `seed`."})
+    pilot_eval_seed: int = field(default=1234, metadata={
+        "help": "Seed of the evaluation pilots, re-applied at every evaluate() call (per process: "
+                "seed + process index), so the sgdpo eval_loss of a model on a dataset is reproducible."})
     fused_backend: str = field(default="auto", metadata={
         "help": "Backend of sgdpo_fast's log-prob op: auto, torch, cpu, triton or cuda."})
     head_metrics: bool = field(default=True, metadata={
@@ -92,23 +141,36 @@ class SGDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if "sgdpo" not in self.loss_type:
+            return
+        from ..losses.preference import loss_type_list, validate_loss_options
+        types = loss_type_list(self.loss_type)
+        unknown = [t for t in types if t not in TRL_LOSS_TYPES and t != "sgdpo"]
+        if unknown:
+            raise ValueError(f"loss_type {unknown}: SGDPOTrainer combines 'sgdpo' with TRL's loss types "
+                             f"{list(TRL_LOSS_TYPES)}")
+        if self.label_smoothing and any(t not in _TRL_SMOOTHED and t not in ("sgdpo", "sft") for t in types):
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} with loss_type {types}: TRL 1.16 ignores it for "
+                f"{[t for t in types if t not in _TRL_SMOOTHED and t not in ('sgdpo', 'sft')]} while "
+                f"sgdpo_fast would apply it (cDPO); combine 'sgdpo' with those loss types at "
+                f"label_smoothing=0")
+        validate_loss_options(
+            types, beta=self.beta, label_smoothing=self.label_smoothing,
+            loss_weights=self.loss_weights, discopop_tau=self.discopop_tau,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
+            use_weighting=self.use_weighting, r1=self.pilot_ratio_chosen,
+            r2=self.pilot_ratio_rejected, pilot_mode=self.pilot_mode)
+        if "robust" not in types and not self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    def get_process_log_level(self):
+        # transformers.Trainer.__init__ calls this: the place to refuse a trainer that does
+        # not know loss_type='sgdpo', while it is being built rather than at its first step
         if "sgdpo" in self.loss_type:
-            if list(self.loss_type) != ["sgdpo"]:
-                raise ValueError(f"loss_type: 'sgdpo' cannot be combined with other loss types, got {self.loss_type}")
-            for name in ("pilot_ratio_chosen", "pilot_ratio_rejected"):
-                r = getattr(self, name)
-                if not 0.0 < r <= 1.0:
-                    raise ValueError(f"{name} must be in (0, 1], got {r}")
-            if self.pilot_mode not in _PILOT_MODES:
-                raise ValueError(f"pilot_mode must be one of {_PILOT_MODES}, got {self.pilot_mode!r}")
-            if self.precompute_ref_log_probs:
-                raise ValueError("loss_type='sgdpo' needs per-token reference log-probs: "
-                                 "precompute_ref_log_probs=True stores only their sums")
-            if self.ld_alpha is not None or self.use_weighting or self.f_divergence_type != "reverse_kl":
-                raise ValueError("loss_type='sgdpo' does not support ld_alpha, use_weighting or "
-                                 "f_divergence_type other than 'reverse_kl'")
-            if not 0.0 <= self.label_smoothing < 0.5:
-                raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            _foreign_trainer_check(self)
+        return super().get_process_log_level()
 
 
 @contextlib.contextmanager
@@ -119,8 +181,10 @@ def _our_head_in_dpo_init(backend: str, only_log_probs: bool):
     saved = dpo_mod.add_fused_lm_head
 
     def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
-        return apply_fused_lm_head(model, temperature, cast_lm_head_to_fp32,
-                                   ("log_probs",) if only_log_probs else outputs, backend=backend)
+        if only_log_probs:  # the WPO weights still need log_sum_sq_probs
+            outputs = tuple(o for o in outputs if o in ("log_probs", "log_sum_sq_probs"))
+        return apply_fused_lm_head(model, temperature, cast_lm_head_to_fp32, outputs,
+                                   backend=backend)
 
     dpo_mod.add_fused_lm_head = add_fused_lm_head
     try:
@@ -129,14 +193,46 @@ def _our_head_in_dpo_init(backend: str, only_log_probs: bool):
         dpo_mod.add_fused_lm_head = saved
 
 
+class _TokenRefCollator:
+    """Wraps the preference collator: per-token reference log-probs stored with the dataset
+    (``TOKEN_REF_COLUMNS``: one float per completion token the head scores) become
+    ``ref_token_logps`` [2B, T-1], placed at the batch's scored completion positions
+    (``completion_mask[:, 1:]``).  Examples without them pass through unchanged."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, examples):
+        if not examples or TOKEN_REF_COLUMNS[0] not in examples[0]:
+            return self.base(examples)
+        vals = [list(e[TOKEN_REF_COLUMNS[0]]) for e in examples] + \
+               [list(e[TOKEN_REF_COLUMNS[1]]) for e in examples]
+        out = self.base([{k: v for k, v in e.items() if k not in TOKEN_REF_COLUMNS} for e in examples])
+        mask = out["completion_mask"][:, 1:].bool()
+        counts = mask.sum(1).tolist()
+        for r, (n, v) in enumerate(zip(counts, vals)):
+            if n != len(v):
+                raise ValueError(
+                    f"stored per-token reference log-probs of batch row {r} have {len(v)} values but "
+                    f"the collated row scores {n} completion tokens (max_length / truncation changed "
+                    f"since they were precomputed?); delete the dataset cache or keep the settings")
+        ref = torch.zeros(mask.shape, dtype=torch.float32)
+        ref[mask] = torch.tensor([x for v in vals for x in v], dtype=torch.float32)
+        out["ref_token_logps"] = ref
+        return out
+
+
 class SGDPOTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` with sgdpo_fast's fused LM head and ``loss_type="sgdpo"``.
 
-    Same constructor as ``DPOTrainer``; ``args`` may be an :class:`SGDPOConfig`
-    (a plain ``DPOConfig`` works for TRL's loss types).  Logged metrics for
-    SGDPO: TRL's ``rewards/*``, ``logps/*`` (and, with ``head_metrics``,
-    ``entropy``, ``logits/*``, ``mean_token_accuracy``), plus the loss's own
-    metrics (pilot sizes and pilot rewards) under their names.
+    Same constructor as ``DPOTrainer``; ``args`` must be an :class:`SGDPOConfig` when its
+    loss types include ``"sgdpo"`` (a plain ``DPOConfig`` works for TRL's loss types).
+    Logged metrics for SGDPO: TRL's ``rewards/*``, ``logps/*`` (and, with
+    ``head_metrics``, ``entropy``, ``logits/*``, ``mean_token_accuracy``), plus the
+    loss's own metrics (pilot rewards, ``nll_loss``) under their names.  With
+    ``precompute_ref_log_probs=True`` and ``"sgdpo"``, per-token reference log-probs are
+    computed once (before training, by the reference model, or the policy when none is
+    given) and stored with the dataset; no reference model is kept.
     """
 
     _tag_names = ["trl", "dpo", "sgdpo", "sgdpo_fast"]
@@ -145,37 +241,127 @@ class SGDPOTrainer(DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = SGDPOConfig(f"{str(name).split('/')[-1] or 'model'}-SGDPO")
-        self._sgdpo = "sgdpo" in args.loss_type
+        types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+        if "sgdpo" in types and not isinstance(args, SGDPOConfig):
+            raise ValueError(
+                "SGDPOTrainer got a plain DPOConfig with loss_type 'sgdpo': build the config as "
+                "sgdpo_fast.integrations.trl.SGDPOConfig(loss_type='sgdpo', ...) (the same fields plus "
+                "SGDPO's pilot_ratio_chosen, pilot_ratio_rejected, pilot_mode, pilot_grad, pilot_seed)")
+        unknown = [t for t in types if t not in TRL_LOSS_TYPES and t != "sgdpo"]
+        if unknown:
+            raise ValueError(f"unknown loss_type {unknown}: SGDPOTrainer takes 'sgdpo' and TRL's "
+                             f"{list(TRL_LOSS_TYPES)}")
+        self._sgdpo = "sgdpo" in types
+        self._pilot_generators = {}
         backend = getattr(args, "fused_backend", "auto")
         only_lp = self._sgdpo and not getattr(args, "head_metrics", True)
         with _our_head_in_dpo_init(backend, only_lp):
             super().__init__(model, ref_model, args, *rest, **kwargs)
-        self._pilot_generator = None
+        if self._sgdpo:
+            self.data_collator = _TokenRefCollator(self.data_collator)
 
     # ------------------------------------------------------------------ sgdpo loss
-    def _pilot_gen(self, device: torch.device) -> torch.Generator:
-        if self._pilot_generator is None or self._pilot_generator.device != device:
-            seed = getattr(self.args, "pilot_seed", None)
-            seed = self.args.seed if seed is None else seed
+    def _pilot_gen(self, device: torch.device, mode: str) -> torch.Generator:
+        g = self._pilot_generators.get(mode)
+        if g is None or g.device != device:
+            if mode == "eval":
+                seed = self.args.pilot_eval_seed
+            else:
+                seed = getattr(self.args, "pilot_seed", None)
+                seed = self.args.seed if seed is None else seed
             g = torch.Generator(device=device)
             g.manual_seed(int(seed) + int(self.accelerator.process_index))
-            self._pilot_generator = g
-        return self._pilot_generator
+            self._pilot_generators[mode] = g
+        return g
 
-    def _reference_token_logps(self, ref_kwargs, labels):
+    def evaluate(self, *args, **kwargs):
+        # every evaluation draws the same pilots (pilot_eval_seed), so eval_loss is reproducible
+        self._pilot_generators.pop("eval", None)
+        return super().evaluate(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._sgdpo and self._signature_columns is not None:
+            self._signature_columns = list(self._signature_columns) + [
+                c for c in TOKEN_REF_COLUMNS if c not in self._signature_columns]
+
+    def _ref_forward(self, model, ref_kwargs, labels):
+        """The reference's per-token log-probs (no grad): ``model``, or, for PEFT without a
+        reference model, the policy with its adapter disabled (TRL's convention)."""
         from accelerate.utils import is_peft_model
         from trl.models.utils import disable_gradient_checkpointing
 
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None and is_peft_model(self.model):
+            if model is None and is_peft_model(self.model):
                 from trl.trainer.utils import use_adapter
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 name = "ref" if "ref" in unwrapped.peft_config else None
                 with use_adapter(unwrapped, adapter_name=name):
                     out = self.model(**ref_kwargs, labels=labels, fused_lm_head=True)
             else:
-                out = self.ref_model(**ref_kwargs, labels=labels, fused_lm_head=True)
+                out = (model if model is not None else self.model)(**ref_kwargs, labels=labels,
+                                                                    fused_lm_head=True)
         return out.log_probs
+
+    def _reference_token_logps(self, ref_kwargs, labels):
+        return self._ref_forward(self.ref_model, ref_kwargs, labels)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """SGDPO: per-token reference log-probs, stored with the dataset (TRL stores only
+        their sums, which SGDPO's pilots cannot use).  Cached like TRL's (a dataset cache
+        file keyed by the dataset, the reference model and the truncation settings)."""
+        if not self._sgdpo:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        from accelerate.utils import broadcast_object_list
+        from datasets import Dataset, IterableDataset, concatenate_datasets
+        from datasets.fingerprint import Hasher
+        from torch.utils.data import DataLoader
+        from trl.models import prepare_deepspeed
+
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
+        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash,
+                                    "sgdpo_fast per-token reference", self.args.max_length,
+                                    self.args.truncation_mode))]
+        broadcast_object_list(fingerprint, from_process=0)
+        cache_file = dataset._get_cache_file_path(fingerprint[0])
+        if not os.path.exists(cache_file):
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory, shuffle=False))
+            if self.ref_model is None and self.is_deepspeed_enabled:
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            else:
+                model = self.ref_model
+            chosen, rejected = [], []
+            for batch in loader:
+                skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps"}
+                kw = {k: v for k, v in batch.items() if k not in skip}
+                kw["use_cache"] = False
+                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+                mask = batch["completion_mask"][:, 1:].bool()
+                with self.accelerator.autocast():
+                    lp = self._ref_forward(model, kw, labels)[:, -mask.shape[1]:].float()
+                # NaN off the completion: rows of any length survive the padded gather
+                lp = lp.masked_fill(~mask, float("nan"))
+                lp = self.accelerator.pad_across_processes(lp, dim=1, pad_index=float("nan"))
+                lp = self.accelerator.gather_for_metrics(lp).cpu()
+                B = lp.shape[0] // 2
+                for rows, dst in ((lp[:B], chosen), (lp[B:], rejected)):
+                    dst.extend(r[~torch.isnan(r)].tolist() for r in rows)
+            if self.accelerator.is_main_process:
+                def add(_batch, indices):
+                    return {TOKEN_REF_COLUMNS[0]: [chosen[i] for i in indices],
+                            TOKEN_REF_COLUMNS[1]: [rejected[i] for i in indices]}
+
+                dataset.map(add, with_indices=True, batched=True, remove_columns=dataset.column_names,
+                            new_fingerprint=fingerprint[0], cache_file_name=cache_file,
+                            desc=f"Caching per-token reference log probs for {name} dataset")
+            self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
 
     def _gather_mean(self, x: torch.Tensor) -> float:
         return self.accelerator.gather_for_metrics(x.detach().float().reshape(-1)).mean().item()
@@ -187,7 +373,7 @@ class SGDPOTrainer(DPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         args = self.args
-        skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps"}
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -199,16 +385,23 @@ class SGDPOTrainer(DPOTrainer):
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         # Prompt-learning PEFT prepends virtual tokens: keep the real positions
         policy = outputs.log_probs[:, -T1:]
-        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-        ref = self._reference_token_logps(ref_kwargs, labels)[:, -T1:]
+        if "ref_token_logps" in inputs:      # precomputed, stored with the dataset
+            ref = inputs["ref_token_logps"][:, -T1:].to(policy.device)
+        else:
+            ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+            ref = self._reference_token_logps(ref_kwargs, labels)[:, -T1:]
+        lss = outputs.log_sum_sq_probs[:, -T1:] if args.use_weighting else None
 
         res = preference_loss(
-            policy, ref, mask, loss_type="sgdpo", beta=self.beta,
-            label_smoothing=self.label_smoothing,
+            policy, ref, mask, loss_type=list(self.loss_types), loss_weights=self.loss_weights,
+            beta=self.beta, label_smoothing=self.label_smoothing,
             pilot_ratio_chosen=args.pilot_ratio_chosen, pilot_ratio_rejected=args.pilot_ratio_rejected,
             pilot_grad=args.pilot_grad, pilot_mode=args.pilot_mode,
-            generator=self._pilot_gen(policy.device))
-        loss = res.loss * self.loss_weights[0]
+            generator=self._pilot_gen(policy.device, mode), discopop_tau=args.discopop_tau,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=args.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
+            use_weighting=self.use_weighting, log_sum_sq_probs=lss)
+        loss = res.loss
         if self.aux_loss_enabled and outputs.aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self._gather_mean(outputs.aux_loss))
@@ -219,10 +412,8 @@ class SGDPOTrainer(DPOTrainer):
         m["rewards/rejected"].append(self._gather_mean(rr))
         m["rewards/accuracies"].append(self._gather_mean((cr > rr).float()))
         m["rewards/margins"].append(self._gather_mean(cr - rr))
-        seq = (policy.detach() * mask).sum(1)
-        B = seq.shape[0] // 2
-        m["logps/chosen"].append(self._gather_mean(seq[:B]))
-        m["logps/rejected"].append(self._gather_mean(seq[B:]))
+        m["logps/chosen"].append(self._gather_mean(res.chosen_logps))
+        m["logps/rejected"].append(self._gather_mean(res.rejected_logps))
         for key, val in (res.metrics or {}).items():
             if key in m and key.startswith(("rewards/", "logps/")):
                 continue  # logged above from the per-pair values, gathered like TRL does

@@ -6,7 +6,9 @@ Only the backbone (``model.base_model``) runs; its last hidden states at the pos
 whose label is not ``-100`` go, with ``lm_head.weight`` (and bias), through the fused op
 (``model/sharding.py`` makes a sharded head whole), with the model's own logit transform
 (:func:`head_transform_from_config`).  ``lm_head`` is never called and the ``[B, T, V]``
-logits are never built.
+logits are never built.  A PEFT model runs as its inner transformers model (LoRA layers
+are in place there); a LoRA ``lm_head`` runs with its merged weight
+(``sharding.effective_head``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .sharding import head_module_logprobs
 
 IGNORE = -100
 
-__all__ = ["HeadOutput", "causal_lm_logprobs", "head_transform_from_config", "IGNORE"]
+__all__ = ["HeadOutput", "causal_lm_logprobs", "head_transform_from_config", "unwrap_peft", "IGNORE"]
 
 
 def head_transform_from_config(config) -> Tuple[Optional[float], float]:
@@ -51,6 +53,21 @@ class HeadOutput:
     backbone: Any = None
 
 
+def unwrap_peft(model):
+    """The transformers model inside a PEFT ``PeftModel`` (LoRA and other injected adapters
+    live in its layers, so its backbone and head are what to run); other models as they
+    are.  Prompt-learning PEFT (prefix / prompt tuning) needs ``PeftModel.forward`` and is
+    refused."""
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        return model
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+        raise ValueError("prompt-learning PEFT (prefix / prompt tuning) is not supported by sgdpo_fast's "
+                         "head path: use LoRA, or call the PeftModel with fused_lm_head=True after "
+                         "sgdpo_fast.apply_fused_lm_head(peft_model.get_base_model())")
+    return model.get_base_model()
+
+
 def compute_dtype(weight: torch.Tensor, cast_lm_head_to_fp32: bool = False) -> torch.dtype:
     """The dtype the head runs in: fp32 when asked, the autocast dtype under autocast, else
     the head's own dtype."""
@@ -78,6 +95,7 @@ def causal_lm_logprobs(model, *args, labels: Optional[torch.Tensor] = None,
     """
     if labels is None and shift_labels is None:
         raise ValueError("causal_lm_logprobs needs labels= (or shift_labels=)")
+    model = unwrap_peft(model)
     base = model.base_model
     if base is model:
         raise ValueError("model.base_model is the model itself: not a *ForCausalLM with a head")

@@ -21,6 +21,13 @@ so sharded parameters must be made whole around it:
   gradient-free use, :func:`gathered_lm_head` unshards an ``FSDPModule`` with
   ``unshard()`` / ``reshard()``.
 * DDP and single process: nothing to do.
+* PEFT on the head (:func:`effective_head`): a LoRA ``lm_head`` (``peft``'s ``lora.Linear``)
+  runs with its *merged* weight ``W + sum_a scaling_a * B_a @ A_a`` (and bias), built
+  differentiably per call, so the op sees what the LoRA layer's forward computes and the
+  adapters get their gradients (cost: one extra ``[V, D]`` tensor and its gradient).
+  ``modules_to_save=["lm_head"]`` uses the active trained copy.  What a merged weight cannot
+  express raises a ``ValueError``: LoRA dropout > 0 while training, DoRA and other LoRA
+  variants, mixed-adapter batches, and a LoRA head whose base weight is sharded.
 
 The vocab-parallel math (a head split by vocabulary rows) is ``ops/vocab_parallel.py``.
 """
@@ -34,7 +41,8 @@ import torch
 from ..ops.logprob import token_logprobs
 from ..ops.plan import LogprobPlan
 
-__all__ = ["lm_head_logprobs", "head_module_logprobs", "gathered_lm_head", "is_zero3_param"]
+__all__ = ["lm_head_logprobs", "head_module_logprobs", "gathered_lm_head", "is_zero3_param",
+           "effective_head"]
 
 
 def is_zero3_param(p) -> bool:
@@ -114,9 +122,57 @@ def _is_fsdp_module(m) -> bool:
     return isinstance(m, FSDPModule)
 
 
+def _is_lora_layer(m) -> bool:
+    return all(hasattr(m, a) for a in ("base_layer", "lora_A", "lora_B", "scaling", "active_adapters"))
+
+
+def _is_modules_to_save(m) -> bool:
+    return hasattr(m, "original_module") and hasattr(m, "modules_to_save")
+
+
+def effective_head(lm_head: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight [V, D], bias [V] or None)`` that ``lm_head``'s own forward applies: its
+    parameters, or for a PEFT LoRA head the merged weight (differentiable w.r.t. the
+    adapters), for ``modules_to_save`` the active copy's (see the module docstring)."""
+    if _is_modules_to_save(lm_head):
+        active = [a for a in getattr(lm_head, "active_adapters", []) if a in lm_head.modules_to_save]
+        off = getattr(lm_head, "disable_adapters", False) or not active
+        return effective_head(lm_head.original_module if off else lm_head.modules_to_save[active[0]])
+    if not _is_lora_layer(lm_head):
+        return lm_head.weight, getattr(lm_head, "bias", None)
+    base = lm_head.base_layer
+    weight, bias = base.weight, getattr(base, "bias", None)
+    if lm_head.disable_adapters:
+        if lm_head.merged:            # what the LoRA layer's forward does in this state
+            lm_head.unmerge()
+        return base.weight, getattr(base, "bias", None)
+    if lm_head.merged:
+        return weight, bias
+    if is_zero3_param(weight) or _is_dtensor(weight):
+        raise ValueError("LoRA on a sharded (ZeRO-3 / FSDP) lm_head is not supported by the fused head: "
+                         "leave 'lm_head' out of target_modules")
+    for name in lm_head.active_adapters:
+        if name not in lm_head.lora_A:
+            continue
+        if name in getattr(lm_head, "lora_variant", {}) or getattr(lm_head, "use_dora", {}).get(name):
+            raise ValueError(f"adapter {name!r} on lm_head is a LoRA variant (DoRA, ...), which the fused "
+                             f"head cannot merge: leave 'lm_head' out of target_modules")
+        drop = lm_head.lora_dropout[name]
+        if lm_head.training and torch.is_grad_enabled() and getattr(drop, "p", 0.0) > 0:
+            raise ValueError(f"adapter {name!r} on lm_head has lora_dropout={drop.p}: dropout on the LoRA "
+                             f"branch cannot be merged into the head weight; use lora_dropout=0 for "
+                             f"lm_head (or leave it out of target_modules)")
+        weight = weight + lm_head.get_delta_weight(name).to(weight.dtype)
+        b_bias = getattr(lm_head.lora_B[name], "bias", None)
+        if b_bias is not None:
+            extra = (b_bias * lm_head.scaling[name]).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+    return weight, bias
+
+
 def _head_method(self, hidden, targets, kw):
-    return head_logprobs_and_metrics(hidden, self.weight, targets,
-                                     bias=getattr(self, "bias", None), **kw)
+    weight, bias = effective_head(self)
+    return head_logprobs_and_metrics(hidden, weight, targets, bias=bias, **kw)
 
 
 _FSDP_METHOD = "_sgdpo_fast_logprobs"
@@ -166,5 +222,8 @@ def gathered_lm_head(lm_head: torch.nn.Module):
         return
     if _is_dtensor(weight):
         yield weight.full_tensor(), (bias.full_tensor() if _is_dtensor(bias) else bias)
+        return
+    if _is_lora_layer(lm_head) or _is_modules_to_save(lm_head):
+        yield effective_head(lm_head)
         return
     yield weight, bias
