@@ -44,7 +44,7 @@ from .logit_transform import transform_logits_with_grad
 from .logprob_configs import KernelConfig, select
 from .tile_dot import interpreter_upcast
 
-SLAB_BYTES = 48 << 20      # dX slab (bf16: 8192 tokens x 3072 ids, 16384 x 1536)
+SLAB_BYTES = 40 << 20      # dX slab (bf16: 8192 tokens x 2560 ids, 16384 x 1280)
 SCRATCH_BYTES = 16 << 20   # fp32 dH accumulator scratch (the rest lives in the gradients)
 MIN_SLAB_V = 1024          # vocabulary ids per slab at least: the dH GEMM's K; its fp32
 #                            accumulator traffic is 8 N D bytes per slab, so K / 4 flops per
@@ -61,7 +61,8 @@ def _logprob_bwd_dx_kernel(
     GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx[i, j] = dL/dx for rows i < n_rows of h and vocabulary rows j < n_cols of w (ids
-    v0 + j); db[j] += sum_i dx[i, j] (fp32, relaxed atomics)."""
+    v0 + j); db[j] += sum_i dx[i, j] (fp32, relaxed atomics).  ``dx`` is padded to whole
+    tiles (zeros written there), so the stores need no mask and go out as 16-byte vectors."""
     pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N),
                                tl.cdiv(n_cols, BLOCK_V), GROUP_N)
     r = tl.arange(0, BLOCK_N)
@@ -83,8 +84,7 @@ def _logprob_bwd_dx_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     dx = tl.where(ok, g[:, None] * (onehot - p) * dzdx, 0.0)
     dx_blk = dx_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_dx + pid_v * BLOCK_V
-    tl.store(dx_blk + r[:, None] * stride_dx + c[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(dx_blk + r[:, None] * stride_dx + c[None, :], dx.to(dx_ptr.dtype.element_ty))
     if NEED_DB:
         # plain accumulation: no ordering with any other memory access is needed (the
         # sums are read by the next kernel), so no fences
@@ -110,16 +110,26 @@ def slab_shape(n, V, elem_bytes, cfg: KernelConfig, slab_bytes=SLAB_BYTES):
     return max(cfg.block_n, block_n), min_v
 
 
+def padded(n, block):
+    return triton.cdiv(n, block) * block
+
+
 def dx_launch(h, w, b, t, lse, g, v0, dx, db, tf, cfg: KernelConfig):
     """``(kernel, grid, args, kwargs)`` of one gradient-tile launch (shared by ``GradTiles``
     and the kernel report, which calls it on meta tensors).
 
     h [n, D] rows of hidden, w [vt, D] rows of weight (ids v0 ...), b [vt] or None, t [n]
-    int64 targets (global ids), lse [n] fp32, g [n] fp32, dx [n, vt] (input dtype, unit
-    column stride), db [vt] fp32 or None.
+    int64 targets (global ids), lse [n] fp32, g [n] fp32, db [vt] fp32 or None;
+    dx [>= padded(n, BLOCK_N), >= padded(vt, BLOCK_V)] (input dtype, unit column stride): the
+    kernel writes whole tiles, the caller reads ``dx[:n, :vt]``.
     """
     n, D = h.shape
     vt = w.shape[0]
+    if dx.shape[0] < padded(n, cfg.block_n) or dx.shape[1] < padded(vt, cfg.block_v) \
+            or dx.stride(1) != 1:
+        raise ValueError(f"dx must be a [>= {padded(n, cfg.block_n)}, >= "
+                         f"{padded(vt, cfg.block_v)}] slab with unit column stride, got "
+                         f"{tuple(dx.shape)} strides {dx.stride()}")
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(vt, cfg.block_v),)
     args = (h, w, b if b is not None else h, t, lse, g, dx, db if db is not None else lse,
             n, vt, int(v0), D, h.stride(0), w.stride(0), dx.stride(0),
@@ -138,11 +148,12 @@ class GradTiles:
     writes ``dX`` (input dtype) into a slab made once for tiles of ``block_n x block_v``."""
 
     def __init__(self, tf, dtype, device, block_n, block_v, cfg: KernelConfig):
-        self.tf, self.cfg, self.block_v = tf, cfg, block_v
-        self.slab = torch.empty((block_n, block_v), dtype=dtype, device=device)
+        self.tf, self.cfg = tf, cfg
+        self.slab = torch.empty((padded(block_n, cfg.block_n), padded(block_v, cfg.block_v)),
+                                dtype=dtype, device=device)
 
     def __call__(self, h, w, b, t, lse, g, v0, db):
-        dx = self.slab[: h.shape[0], : w.shape[0]]
-        kernel, grid, args, kwargs = dx_launch(h, w, b, t, lse, g, v0, dx, db, self.tf, self.cfg)
+        kernel, grid, args, kwargs = dx_launch(h, w, b, t, lse, g, v0, self.slab, db, self.tf,
+                                               self.cfg)
         kernel[grid](*args, **kwargs)
-        return dx
+        return self.slab[: h.shape[0], : w.shape[0]]
