@@ -65,7 +65,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sgdpo_fast", "sgdpo_fast.*"]) + ["sgdpo_fast.kernels"],
     package_dir={"sgdpo_fast.kernels": "kernels"},
-    package_data={"sgdpo_fast.data": ["bundled/*.jsonl"]},
+    package_data={"sgdpo_fast.data": ["bundled/*.jsonl"],
+                  # backend="auto"'s table of measured results (python -m bench.auto_table)
+                  "sgdpo_fast.ops.backends": ["auto_table.json"]},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -182,7 +182,8 @@ def model_op(backend: str, N, D, V, dtype="bf16", m=H200) -> Dict:
         tiles = TileConfig()
         bn, bv = tiles.shape(N, V)
         scratch = tiles.scratch_bytes
-        extra = bn * bv * (4 + es) + (bv * D * 4 if N > bn else 0)
+        half = es == 2
+        extra = bn * bv * (4 + (es if half else 0)) + (bv * D * 4 if (half and N > bn) else 0)
         # forward: per tile a cuBLAS GEMM into fp32, then the fold kernel reads it back
         t_f = hbm_f = 0.0
         for n0 in range(0, N, bn):
@@ -205,7 +206,9 @@ def model_op(backend: str, N, D, V, dtype="bf16", m=H200) -> Dict:
     rows = -(-N // bn)
     left = scratch - (bv * D * 4 if (es == 2 and rows > 1) else 0)
     scratch_t = torch.empty(max(0, left) // (4 * D) * D, device="meta") if left >= 4 * D else None
-    _, _, tail = sweep._dh_accumulators(dH, 0, D, scratch_t, dW=dW, cover_all=True)
+    tail = V
+    if es == 2:   # fp32 gradients are their own accumulators
+        _, _, tail = sweep._dh_accumulators(dH, 0, D, scratch_t, dW=dW, cover_all=True)
     phases = [(0, tail, True, True)] + ([(tail, V, True, False), (tail, V, False, True)]
                                         if tail < V else [])
     t_b = hbm_b = 0.0
@@ -248,7 +251,7 @@ def model_op(backend: str, N, D, V, dtype="bf16", m=H200) -> Dict:
                 backward_ms=round(parts["backward"] * 1e3, 2),
                 host_ms=round((host["forward"] + host["backward"]) * 1e3, 2),
                 modeled_ms=round(t_total * 1e3, 2), roofline_pct=round(100 * ideal / t_total, 1),
-                extra_mib=round((extra + max(0, left)) / 2 ** 20, 1),
+                extra_mib=round((extra + (max(0, left) if es == 2 else 0)) / 2 ** 20, 1),
                 tail_fraction=round((V - tail) / V, 3))
 
 
@@ -464,7 +467,8 @@ def markdown(rows: List[Dict], ops: List[Dict], meta: Dict) -> str:
           "place, copy to bf16), then the same two GEMMs. GEMM-eq counts 2 N V D flops each "
           "(4 = forward, one recompute, dH, dW; more where the driver re-runs the tiles of "
           "dW's tail whose bytes held dH's fp32 sum: `tail`). `% roofline` = 4 GEMM-eq at "
-          f"{H200.mma / 1e12:.0f} TFLOP/s / modeled time. `host ms` = the time to issue the "
+          f"the dtype's rate (bf16/fp16: {H200.mma / 1e12:.0f} TFLOP/s; fp32, IEEE on the FMA "
+          f"units: {H200.fp32 / 1e12:.0f}) / modeled time. `host ms` = the time to issue the "
           "launches from Python (assumed per launch: torch op 8 us, native epilogue call 25 us, "
           "Triton launch 30 us); a phase takes the longer of GPU and host time. `extra` = the "
           "backward's buffers beyond inputs and gradients. The last two columns redo the model "
@@ -500,10 +504,12 @@ def op_models() -> List[Dict]:
     """The op model of both backends at the goal's and the vocabulary sweep's shapes; each row
     also carries the total under the faster-L2 assumption (``modeled_ms_fast_l2``)."""
     rows = []
-    for (N, D, V) in GOAL_SHAPES + SWEEP_SHAPES:
+    cases = [(dt, s) for dt in ("bf16", "fp16") for s in GOAL_SHAPES + SWEEP_SHAPES] + \
+        [("fp32", s) for s in GOAL_SHAPES]
+    for dtype, (N, D, V) in cases:
         for b in ("triton", "cuda"):
-            row = model_op(b, N, D, V)
-            fast = model_op(b, N, D, V, m=H200_FAST_L2)
+            row = model_op(b, N, D, V, dtype)
+            fast = model_op(b, N, D, V, dtype, m=H200_FAST_L2)
             row["modeled_ms_fast_l2"] = fast["modeled_ms"]
             row["roofline_pct_fast_l2"] = fast["roofline_pct"]
             rows.append(row)

@@ -40,9 +40,8 @@ def cpu_model() -> str:
 def machine_name(device: str) -> str:
     """``cpu-<model short>-<cores>c`` or the GPU's short name (``h100``)."""
     if device == "cuda":
-        name = torch.cuda.get_device_name(0)
-        m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
-        return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
+        from sgdpo_fast.ops.backends.auto_backend import gpu_key
+        return gpu_key(torch.cuda.get_device_name(0))
     model = re.sub(r"\((R|TM|tm|r)\)|CPU|Processor|@.*$|\d+-Core", " ", cpu_model())
     short = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown"
     return f"cpu-{short}-{os.cpu_count()}c"

@@ -1,13 +1,15 @@
 """``LogprobPlan``: every execution choice of the log-prob op, in one frozen object.
 
 A plan is resolved once per call (``LogprobPlan.resolve``: ``backend="auto"`` becomes a
-concrete backend for the device) and travels with the call: the forward runs with it and
+concrete backend for a CPU device; on CUDA it stays ``auto`` and ``backends/auto_backend.py``
+picks the backend per call by device, dtype and shape from the shipped table of measured
+results, the same for the forward and the backward) and travels with the call: the forward runs with it and
 the backward reads the very same plan from ``ctx`` (or from the custom op's arguments), so
 the two can never disagree.  Nothing of the op's configuration lives in module globals.
 
 Fields:
 
-``backend``   ``"auto"``, ``"torch"`` (tiled driver + torch epilogue, any device), ``"cpu"``
+``backend``   ``"auto"`` (see above), ``"torch"`` (tiled driver + torch epilogue, any device), ``"cpu"``
               (tiled driver + the C++ epilogue of ``sgdpo_fast._C``), ``"cuda"`` (tiled
               driver + the CUDA epilogue of ``sgdpo_fast._C_cuda``) or ``"triton"`` (the
               fused kernels of ``sgdpo_fast.kernels``).
