@@ -56,7 +56,9 @@ else
     SHAPES="N=8192,D=4096,V=128256 N=16384,D=4096,V=128256"
     SWEEP=(--vocab-sweep 32000 256000 --sweep-n 8192 --sweep-d 4096)
     BENCH_OPTS=(--reps 5 --budget 2)
-    PYTEST_TARGET=(tests)
+    # the kernels' own GPU tests first (the goal shapes), then every other GPU test
+    PYTEST_TARGET=(tests/test_gpu_logprob.py tests/test_gpu_cuda_backend.py tests/test_edge_inputs.py
+                   tests)
 fi
 
 step "1. probe (machine.json)"
