@@ -17,15 +17,16 @@ rounded once).  Forward + backward = 4 GEMM-equivalents (2 N V D flops each), pl
 (``sweep._dh_accumulators``; 0 when ``scratch_bytes`` holds it).
 
 Why not one kernel with atomics for both (the design of Cut Cross-Entropy, which
-accumulates in bf16 under locks): at bf16 N=8192, D=4096, V=128256 with 128 x 128 tiles
-every program would add its [128, D] partial of dH and its [128, D] partial of dW into fp32
-accumulators: 2 x N V D / 128 = 6.7e10 fp32 reductions (268 GB of read-modify-write at L2),
-one per 128 flops; at 790 TFLOP/s that is 6e12 reductions/s, 25 TB/s of L2 atomics, several
-times what L2 serves, so the kernel would run at a fraction of the tensor-core rate
-whatever the fence semantics.  The slab moves ``dX`` through memory instead: 2 bytes written
-and 2 x 2 read per logit (6 N V bytes = 6.3 GB at that shape, 1.5 ms at 4.3 TB/s) against
-33 ms of backward GEMMs, and the GEMMs run at library speed.  The only atomics left are
-``db``'s: BLOCK_V per program (one per 2 BLOCK_N D flops).
+accumulates in bf16 under locks): at bf16 N=8192, D=4096, V=128256 with 128 x 128 tiles every
+program would add its [128, D] partial of dH and its [128, D] partial of dW into fp32
+accumulators: N D V/128 + V D N/128 = 6.7e10 fp32 reductions (268 GB of read-modify-write at
+L2), one per 256 flops of the dH and dW products; at 790 TFLOP/s that is 3.1e12 reductions/s,
+12 TB/s of atomic updates, above what L2 serves even for plain reads (7-12 TB/s by
+third-party measurements of H100), so the kernel would run at a fraction of the tensor-core
+rate whatever the fence semantics.  The slab moves ``dX`` through memory instead: 2 bytes
+written and 2 x 2 read per logit (6 N V bytes = 6.3 GB at that shape, 1.5 ms at 4.3 TB/s)
+against 33 ms of backward GEMMs, and the GEMMs run at library speed.  The only atomics left
+are ``db``'s: BLOCK_V per program (one per 2 BLOCK_N D flops), relaxed.
 
 Why not the old two kernels (dH and dW each recomputing the tile): 5 GEMM-equivalents, and
 their fp32 atomics compiled to fenced ``ATOMG.STRONG.GPU`` (default acq_rel semantics): one
