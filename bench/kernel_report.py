@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
