@@ -138,6 +138,8 @@ setup(
     packages=find_packages(include=["sgdpo_fast", "sgdpo_fast.*"]) + ["sgdpo_fast.kernels"] + list(CSRC),
     package_dir={"sgdpo_fast.kernels": "kernels", **CSRC},
     package_data={"sgdpo_fast.data": ["bundled/*.jsonl"],
+                  # backend="auto"'s table of measured results (python -m bench.auto_table)
+                  "sgdpo_fast.ops.backends": ["auto_table.json"],
                   **{p: ["*.h", "*.cpp", "*.cu", "*.md"] for p in CSRC}},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

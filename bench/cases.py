@@ -43,8 +43,27 @@ SHAPES = {
 }
 
 
+# Vocabulary sweep (``python -m bench --vocab-sweep``): the log-prob op at one token count and
+# hidden size over vocabularies from Llama-2's to Gemma's, where the memory of materialized
+# logits grows with V and the fused op's does not.  CPU: small N (a 2-core box); GPU: the
+# goal's N.
+VOCAB_SWEEP = {
+    "cpu": dict(N=1024, D=_CPU_D, V=(32000, 128256, 256000)),
+    "cuda": dict(N=8192, D=_GPU_D, V=(32000, 128256, 256000)),
+}
+
+
 def default_shapes(device: str, quick: bool, workload: str) -> List[Dict[str, int]]:
     return [dict(s) for s in SHAPES[(device, quick)][workload]]
+
+
+def vocab_sweep_shapes(device: str, vocab=None, N=None, D=None) -> List[Dict[str, int]]:
+    """``[{"N", "D", "V"}]`` of the vocabulary sweep (defaults: ``VOCAB_SWEEP[device]``)."""
+    base = VOCAB_SWEEP[device]
+    vs = base["V"] if not vocab else vocab
+    if any(int(v) <= 0 for v in vs) or (N is not None and N <= 0) or (D is not None and D <= 0):
+        raise ValueError("vocabulary sweep sizes must be positive")
+    return [dict(N=N or base["N"], D=D or base["D"], V=int(v)) for v in vs]
 
 
 def parse_shape(text: str, workload: str) -> Dict[str, int]:

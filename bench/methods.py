@@ -177,6 +177,12 @@ def _ours_build(backend):
     return build
 
 
+def _ours_auto_check(device):
+    if device != "cuda":
+        return "auto on CPU is the cpu backend (ours_cpu)"
+    return _ours_check("auto")(device)
+
+
 # --------------------------------------------------------------------------- loss: eager
 
 def eager_seq_logps(hidden, weight, targets):
@@ -301,6 +307,8 @@ METHODS: List[Method] = [
            _ours_build("cuda")),
     Method("ours_torch", "logprob", "ours: torch backend (torch epilogue)", _ours_check("torch"),
            _ours_build("torch")),
+    Method("ours_auto", "logprob", "ours: backend='auto' (per shape from the shipped table)",
+           _ours_auto_check, _ours_build("auto")),
     # workload (b): the whole preference loss, reference forward included
     Method("eager_dpo", "loss", "eager TRL-style DPO (materialized logits)", _always, _build_eager_dpo),
     Method("eager_sgdpo", "loss", "eager SGDPO (materialized logits)", _always, _build_eager_sgdpo,

@@ -1,6 +1,7 @@
 """Benchmark output: ``results.json``, ``results.md`` (markdown tables) and PNG plots
 (time and extra memory against the token count, one line per method, one panel per
-head shape) in the results folder."""
+head shape; and, for a vocabulary sweep, against the vocabulary size: ``logprob_vocab.png``)
+in the results folder."""
 from __future__ import annotations
 
 import json
@@ -141,7 +142,58 @@ def plot(results: Dict, out_dir: str) -> List[str]:
     return paths
 
 
-def write_all(results: Dict, out_dir: str, plots: bool = True) -> List[str]:
+def vocab_series(rows: List[Dict]):
+    """``{(N, D): {method: [(V, row), ...]}}`` for the log-prob rows whose (N, D) was run at two
+    or more vocabulary sizes (a vocabulary sweep)."""
+    groups: "OrderedDict[tuple, OrderedDict[str, list]]" = OrderedDict()
+    for r in rows:
+        if r["workload"] != "logprob":
+            continue
+        key = (r["shape"]["N"], r["shape"]["D"])
+        groups.setdefault(key, OrderedDict()).setdefault(r["method"], []).append((r["shape"]["V"], r))
+    return OrderedDict((k, v) for k, v in groups.items()
+                       if len({V for pts in v.values() for V, _ in pts}) >= 2)
+
+
+def plot_vocab(results: Dict, out_dir: str) -> List[str]:
+    """``logprob_vocab.png``: time and extra memory against the vocabulary size, one line per
+    method, one row of panels per (N, D) that was swept."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = vocab_series(results["rows"])
+    if not groups:
+        return []
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.2 * len(groups)), squeeze=False)
+    for (N, D), (ax_t, ax_m) in zip(groups, axes):
+        for name, pts in groups[(N, D)].items():
+            ok = sorted((V, r) for V, r in pts if r["status"] == "ok")
+            if ok:
+                ax_t.plot([V for V, _ in ok], [r["time_ms_median"] for _, r in ok], marker="o",
+                          label=name)
+            mem = [(V, r["mem_extra_bytes"] / 2 ** 20) for V, r in ok
+                   if r.get("mem_extra_bytes") is not None]
+            if mem:
+                ax_m.plot([V for V, _ in mem], [m for _, m in mem], marker="o", label=name)
+        ax_t.set_yscale("log")
+        for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "extra memory (MiB)")):
+            ax.set_xscale("log")
+            ax.set_xlabel("vocabulary size V")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"logprob fwd+bwd, N={N}, D={D} ({results['dtype']})", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"{results['machine']} ({results['device']}): vocabulary sweep", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "logprob_vocab.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def write_all(results: Dict, out_dir: str, plots="all") -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     p = os.path.join(out_dir, "results.json")
@@ -152,9 +204,12 @@ def write_all(results: Dict, out_dir: str, plots: bool = True) -> List[str]:
     with open(p, "w") as f:
         f.write(markdown(results) + "\n")
     paths.append(p)
-    if plots:
+    plots = {True: "all", False: "none"}.get(plots, plots)
+    if plots != "none":
         try:
-            paths += plot(results, out_dir)
+            if plots == "all":
+                paths += plot(results, out_dir)
+            paths += plot_vocab(results, out_dir)
         except ImportError as exc:  # e.g. a GPU box without matplotlib: tables still written
             print(f"plots skipped: {exc}")
     return paths

@@ -40,9 +40,8 @@ def cpu_model() -> str:
 def machine_name(device: str) -> str:
     """``cpu-<model short>-<cores>c`` or the GPU's short name (``h100``)."""
     if device == "cuda":
-        name = torch.cuda.get_device_name(0)
-        m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
-        return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
+        from sgdpo_fast.ops.backends.auto_backend import gpu_key
+        return gpu_key(torch.cuda.get_device_name(0))
     model = re.sub(r"\((R|TM|tm|r)\)|CPU|Processor|@.*$|\d+-Core", " ", cpu_model())
     short = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown"
     return f"cpu-{short}-{os.cpu_count()}c"
@@ -80,11 +79,26 @@ def parse_args(argv=None):
                    help="one fresh process per case (default on CPU: needed for peak RSS)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false")
     p.add_argument("--no-accuracy", action="store_true", help="skip the fp64 accuracy columns")
+    p.add_argument("--vocab-sweep", nargs="*", type=int, default=None, metavar="V",
+                   help="the log-prob op over vocabulary sizes (default 32000 128256 256000) at "
+                        "one N and D (--sweep-n, --sweep-d; defaults: CPU N=1024 D=576, GPU "
+                        "N=8192 D=4096), after any --shapes; plot logprob_vocab.png")
+    p.add_argument("--sweep-n", type=int, default=None, help="tokens of the vocabulary sweep")
+    p.add_argument("--sweep-d", type=int, default=None, help="hidden size of the vocabulary sweep")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--plots", choices=("all", "vocab", "none"), default="all",
+                   help="which plots to write (vocab: only logprob_vocab.png)")
     p.add_argument("--machine", default=None, help="name of the results folder (default detected)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per isolated case")
     args = p.parse_args(argv)
+    if args.vocab_sweep is not None:
+        if args.workload == "all":
+            args.workload = "logprob"
+        if args.workload != "logprob":
+            p.error("--vocab-sweep runs the logprob workload")
+    if args.no_plots:
+        args.plots = "none"
     if args.shapes and args.workload == "all":
         p.error("--shapes needs --workload logprob or --workload loss")
     if args.reps is not None and args.reps < 1:
@@ -212,14 +226,18 @@ def main(argv=None) -> int:
         if not methods:
             continue
         shapes = [cases.parse_shape(s, workload) for s in args.shapes] if args.shapes \
-            else cases.default_shapes(device, args.quick, workload)
+            else ([] if args.vocab_sweep is not None
+                  else cases.default_shapes(device, args.quick, workload))
+        if args.vocab_sweep is not None:
+            shapes += [s for s in cases.vocab_sweep_shapes(device, args.vocab_sweep, args.sweep_n,
+                                                           args.sweep_d) if s not in shapes]
         for shape in shapes:
             print(f"[{workload}] {cases.shape_str(shape)} {dtype} on {device}", flush=True)
             results["rows"] += run_shape(workload, shape, methods, args, device, dtype,
                                          log=lambda s: print(s, flush=True))
             report.write_all(results, out_dir, plots=False)  # partial results survive a kill
     results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    paths = report.write_all(results, out_dir, plots=not args.no_plots)
+    paths = report.write_all(results, out_dir, plots=args.plots)
     print()
     print(report.markdown(results))
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))

@@ -1,209 +1,160 @@
-"""Triton backward of the fused per-token log-prob: recompute logit tiles, never store them.
+"""Triton backward of the fused per-token log-prob: the gradient-tile kernel.
 
 For token i and vocabulary entry j: ``dL/dx_ij = g_i * (onehot_ij - softmax(z)_ij) * dz/dx_ij``
-(``z`` the transformed logit, ``x`` the raw one), then ``dH = dX @ W``,
-``dW = dX^T @ H``, ``db = sum_i dX_i``.
+(``z`` the transformed logit, ``x`` the raw one), then ``dH = dX @ W``, ``dW = dX^T @ H``,
+``db = sum_i dX_i``.
 
-Two kernels, each recomputing the logit tiles it needs:
+Design: ONE recompute of each logit tile feeds both dH and dW.  ``_logprob_bwd_dx_kernel``
+recomputes the logits of a slab ``[rows, vocabulary chunk]`` (the same mainloop as the
+forward, ``logit_tile``), applies the gradient epilogue in registers and writes ``dX`` once,
+in the input dtype, into a bounded slab (``slab_bytes``; all tokens x a vocabulary chunk of
+``>= 1024`` ids when they fit); the column sums go into ``db`` with relaxed fp32 atomics.  Two
+library GEMMs (cuBLAS on CUDA, through ``sgdpo_fast.ops.sweep.backward``, the same driver the
+``cuda`` backend uses) consume the slab on the tensor cores: ``dH[rows] += dX @ W[chunk]``
+(K = chunk, fp32 accumulator) and ``dW[chunk] = dX^T @ H`` (K = N: the whole sum in one GEMM,
+rounded once).  Forward + backward = 4 GEMM-equivalents (2 N V D flops each), plus
+``(V - tail) / V`` of one when the driver borrows the end of dW's buffer for dH's fp32 sum
+(``sweep._dh_accumulators``; 0 when ``scratch_bytes`` holds it).
 
-* ``_logprob_bwd_dh_kernel``, grid ``(token blocks of a chunk, vocabulary splits)``:
-  program (i, s) sweeps its vocabulary slice for token block i and adds its
-  part of dH into an fp32 accumulator with ``tl.atomic_add``.
-* ``_logprob_bwd_dw_kernel``, grid ``(vocab blocks of a chunk, token splits)``:
-  likewise for dW (and db).
+Why not one kernel with atomics for both (the design of Cut Cross-Entropy, which
+accumulates in bf16 under locks): at bf16 N=8192, D=4096, V=128256 with 128 x 128 tiles every
+program would add its [128, D] partial of dH and its [128, D] partial of dW into fp32
+accumulators: N D V/128 + V D N/128 = 6.7e10 fp32 reductions (268 GB of read-modify-write at
+L2), one per 256 flops of the dH and dW products; at 790 TFLOP/s that is 3.1e12 reductions/s,
+12 TB/s of atomic updates, above what L2 serves even for plain reads (7-12 TB/s by
+third-party measurements of H100), so the kernel would run at a fraction of the tensor-core
+rate whatever the fence semantics.  The slab moves ``dX`` through memory instead: 2 bytes
+written and 2 x 2 read per logit (6 N V bytes = 6.3 GB at that shape, 1.5 ms at 4.3 TB/s)
+against 33 ms of backward GEMMs, and the GEMMs run at library speed.  The only atomics left
+are ``db``'s: BLOCK_V per program (one per 2 BLOCK_N D flops), relaxed.
 
-Memory: fp32 inputs accumulate straight into the fp32 outputs.  For bf16/fp16
-the fp32 accumulator is a scratch buffer of at most ``SCRATCH_BYTES`` that
-covers one chunk of rows at a time and is cast into the output after each
-chunk, so the op needs little beyond its inputs and their gradients.
-Accumulation order across splits is not fixed (atomics): results agree to fp32
-rounding, not bitwise, from run to run.  Token blocks whose upstream gradient
-is all zero are skipped.
+Why not the old two kernels (dH and dW each recomputing the tile): 5 GEMM-equivalents, and
+their fp32 atomics compiled to fenced ``ATOMG.STRONG.GPU`` (default acq_rel semantics): one
+per 128-256 flops.
+
+NaN propagates: a NaN upstream gradient or a non-finite logit gives NaN in its row of dX,
+hence in dH's row, dW and db (there is no early exit on ``g == 0``).
 """
 import torch
 import triton
 import triton.language as tl
 
+from .launch_order import grouped_pid
 from .logit_tile import logit_tile
 from .logit_transform import transform_logits_with_grad
-from .tile_dot import interpreter_upcast, tile_dot
+from .logprob_configs import KernelConfig, select
+from .tile_dot import interpreter_upcast
 
-BLOCK_N = 64
-BLOCK_V = 128
-BLOCK_D = 64
-NUM_WARPS = 8
-NUM_STAGES = 3
-SCRATCH_BYTES = 64 << 20   # fp32 accumulator for one chunk of dH or dW rows (bf16/fp16 inputs)
-TARGET_PROGRAMS = 4 * 132  # programs per launch: a few waves on an H100 (132 SMs)
+SLAB_BYTES = 40 << 20      # dX slab (bf16: 8192 tokens x 2560 ids, 16384 x 1280)
+SCRATCH_BYTES = 16 << 20   # fp32 dH accumulator scratch (the rest lives in the gradients)
+MIN_SLAB_V = 1024          # vocabulary ids per slab at least: the dH GEMM's K; its fp32
+#                            accumulator traffic is 8 N D bytes per slab, so K / 4 flops per
+#                            byte (>= 256 at 1024, above the H200's ~190 ridge)
 
 
-@triton.jit
-def _grad_tile(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, rows, cols, row_ok, col_ok, D,
-               stride_hn, stride_wv, logit_scale, softcap, inv_temperature,
-               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Recompute one [BLOCK_N, BLOCK_V] logit tile and return dL/dx for it (fp32, 0 off-range)."""
-    acc = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_hn, stride_wv,
-                     HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "v0"])
+def _logprob_bwd_dx_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, db_ptr,
+    n_rows, n_cols, v0, D, stride_hn, stride_wv, stride_dx,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx[i, j] = dL/dx for rows i < n_rows of h and vocabulary rows j < n_cols of w (ids
+    v0 + j); db[j] += sum_i dx[i, j] (fp32, relaxed atomics).  ``dx`` is padded to whole
+    tiles (zeros written there), so the stores need no mask and go out as 16-byte vectors."""
+    pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N),
+                               tl.cdiv(n_cols, BLOCK_V), GROUP_N)
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    rows = pid_n * BLOCK_N + r
+    cols = pid_v * BLOCK_V + c
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    acc = logit_tile(h_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_hn,
+                     w_ptr + (pid_v * BLOCK_V).to(tl.int64) * stride_wv, b_ptr + pid_v * BLOCK_V,
+                     tl.where(row_ok, r, 0), tl.where(col_ok, c, 0), D, stride_hn, stride_wv,
+                     HAS_BIAS, DOT_PRECISION, UPCAST, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     z, dzdx = transform_logits_with_grad(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     p = tl.exp(z - lse[:, None])
-    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-    dx = g[:, None] * (onehot - p) * dzdx
-    return tl.where(row_ok[:, None] & col_ok[None, :], dx, 0.0)
-
-
-@triton.jit
-def _logprob_bwd_dh_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr,
-    n_start, n_stop, V, D, v_per_split, stride_hn, stride_wv,
-    logit_scale, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """acc[rows - n_start, :] += dX[rows, slice] @ W[slice, :] (fp32, atomics)."""
-    rows = n_start + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_stop
-    v_lo = tl.program_id(1).to(tl.int64) * v_per_split
-    v_hi = tl.minimum(v_lo + v_per_split, V)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    if tl.max(tl.abs(g), axis=0) > 0:
-        dd = tl.arange(0, BLOCK_D)
-        for v0 in tl.range(v_lo, v_hi, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < v_hi
-            dx = _grad_tile(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, rows, cols, row_ok, col_ok,
-                            D, stride_hn, stride_wv, logit_scale, softcap, inv_temperature,
-                            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-            dx = dx.to(w_ptr.dtype.element_ty)
-            for d0 in tl.range(0, D, BLOCK_D):
-                d_ok = (d0 + dd) < D
-                w = tl.load(w_ptr + cols[:, None] * stride_wv + (d0 + dd)[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                part = tile_dot(dx, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), DOT_PRECISION, UPCAST)
-                tl.atomic_add(acc_ptr + (rows - n_start)[:, None] * D + (d0 + dd)[None, :], part,
-                              mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _logprob_bwd_dw_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, db_ptr,
-    v_start, v_stop, N, D, n_per_split, stride_hn, stride_wv,
-    logit_scale, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """acc[cols - v_start, :] += dX[slice, cols]^T @ H[slice, :]; db[cols] += sum dX (fp32, atomics)."""
-    cols = v_start + tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < v_stop
-    n_lo = tl.program_id(1).to(tl.int64) * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, N)
-    dd = tl.arange(0, BLOCK_D)
-    db = tl.zeros((BLOCK_V,), tl.float32)
-    for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_hi
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        if tl.max(tl.abs(g), axis=0) > 0:
-            dx = _grad_tile(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, rows, cols, row_ok, col_ok,
-                            D, stride_hn, stride_wv, logit_scale, softcap, inv_temperature,
-                            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-            if NEED_DB:
-                db += tl.sum(dx, axis=0)
-            if NEED_DW:
-                dxt = tl.trans(dx.to(h_ptr.dtype.element_ty))
-                for d0 in tl.range(0, D, BLOCK_D):
-                    d_ok = (d0 + dd) < D
-                    h = tl.load(h_ptr + rows[:, None] * stride_hn + (d0 + dd)[None, :],
-                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    part = tile_dot(dxt, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32),
-                                    DOT_PRECISION, UPCAST)
-                    tl.atomic_add(acc_ptr + (cols - v_start)[:, None] * D + (d0 + dd)[None, :],
-                                  part, mask=col_ok[:, None] & d_ok[None, :])
+    onehot = tl.where((cols + v0)[None, :] == tgt[:, None], 1.0, 0.0)
+    ok = row_ok[:, None] & col_ok[None, :]
+    dx = tl.where(ok, g[:, None] * (onehot - p) * dzdx, 0.0)
+    dx_blk = dx_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_dx + pid_v * BLOCK_V
+    tl.store(dx_blk + r[:, None] * stride_dx + c[None, :], dx.to(dx_ptr.dtype.element_ty))
     if NEED_DB:
-        tl.atomic_add(db_ptr + cols, db, mask=col_ok)
+        # plain accumulation: no ordering with any other memory access is needed (the
+        # sums are read by the next kernel), so no fences
+        tl.atomic_add(db_ptr + cols, tl.sum(dx, axis=0), mask=col_ok, sem="relaxed")
 
 
-def _splits(blocks_in_chunk, total_len, block, target_programs):
-    """Split the swept dimension so one launch has about ``target_programs`` programs."""
-    tiles = triton.cdiv(total_len, block)
-    splits = max(1, min(tiles, triton.cdiv(target_programs, blocks_in_chunk)))
-    per_split = triton.cdiv(tiles, splits) * block
-    return triton.cdiv(total_len, per_split), per_split
+def kernel_config(D, V, dtype, bias=False, softcap=False, **override) -> KernelConfig:
+    """The table's gradient-tile config for this head and epilogue, with the plan's fields
+    applied."""
+    return select("dx", D, V, dtype, bias, softcap).override(**override)
 
 
-def _chunk_rows(D, block, total, scratch_bytes):
-    rows = max(block, (scratch_bytes // (4 * D)) // block * block)
-    return min(rows, triton.cdiv(total, block) * block)
+def slab_shape(n, V, elem_bytes, cfg: KernelConfig, slab_bytes=SLAB_BYTES):
+    """``(block_n, block_v)`` of the dX slab: all ``n`` tokens by as many vocabulary ids as
+    ``slab_bytes`` holds (a multiple of the kernel's BLOCK_V, at least ``MIN_SLAB_V`` or the
+    whole padded vocabulary); when even that many ids do not fit, fewer tokens."""
+    v_pad = triton.cdiv(V, cfg.block_v) * cfg.block_v
+    min_v = min(v_pad, triton.cdiv(MIN_SLAB_V, cfg.block_v) * cfg.block_v)
+    if n * min_v * elem_bytes <= slab_bytes:
+        block_v = slab_bytes // (n * elem_bytes) // cfg.block_v * cfg.block_v
+        return n, max(min_v, min(v_pad, block_v))
+    block_n = slab_bytes // (min_v * elem_bytes) // cfg.block_n * cfg.block_n
+    return max(cfg.block_n, block_n), min_v
 
 
-def logprob_backward(hidden, weight, bias, targets, lse, grad, need_hidden=True, need_weight=True,
-                     need_bias=False, logit_scale=1.0, softcap=None, temperature=1.0,
-                     block_n=BLOCK_N, block_v=BLOCK_V, block_d=BLOCK_D,
-                     num_warps=NUM_WARPS, num_stages=NUM_STAGES, target_programs=TARGET_PROGRAMS,
-                     scratch_bytes=SCRATCH_BYTES):
-    """Launch the backward kernels.
+def padded(n, block):
+    return triton.cdiv(n, block) * block
 
-    hidden  [N, D] fp32/bf16/fp16 contiguous; weight [V, D] same dtype; bias [V] or None
-    targets [N] int64 (an id in [0, V), or any other value: no target in this range);
-    lse [N] fp32 (from the forward); grad [N] fp32
-    returns (dH [N, D], dW [V, D], db [V]) in the input dtype, None where not needed;
-    accumulation in fp32 (see the module docstring for the scratch buffer).
+
+def dx_launch(h, w, b, t, lse, g, v0, dx, db, tf, cfg: KernelConfig):
+    """``(kernel, grid, args, kwargs)`` of one gradient-tile launch (shared by ``GradTiles``
+    and the kernel report, which calls it on meta tensors).
+
+    h [n, D] rows of hidden, w [vt, D] rows of weight (ids v0 ...), b [vt] or None, t [n]
+    int64 targets (global ids), lse [n] fp32, g [n] fp32, db [vt] fp32 or None;
+    dx [>= padded(n, BLOCK_N), >= padded(vt, BLOCK_V)] (input dtype, unit column stride): the
+    kernel writes whole tiles, the caller reads ``dx[:n, :vt]``.
     """
-    N, D = hidden.shape
-    V = weight.shape[0]
-    dev, dt = hidden.device, hidden.dtype
-    common = dict(
-        logit_scale=float(logit_scale), softcap=float(softcap or 1.0),
-        inv_temperature=1.0 / float(temperature),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        DOT_PRECISION="ieee" if dt == torch.float32 else "tf32",
-        UPCAST=interpreter_upcast(dt),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    b_arg = bias if bias is not None else hidden
-    fp32 = dt == torch.float32
-    scratch = None
-    dH = dW = db = None
-    if need_hidden:
-        dH = torch.zeros((N, D), dtype=dt, device=dev)
-        rows = _chunk_rows(D, block_n, N, scratch_bytes)
-        if not fp32:
-            scratch = torch.empty(rows * D, dtype=torch.float32, device=dev)
-        for n0 in range(0, N, rows):
-            n1 = min(N, n0 + rows)
-            acc = dH[n0:n1] if fp32 else scratch[: (n1 - n0) * D].view(n1 - n0, D).zero_()
-            blocks = triton.cdiv(n1 - n0, block_n)
-            splits, per_split = _splits(blocks, V, block_v, target_programs)
-            _logprob_bwd_dh_kernel[(blocks, splits)](
-                hidden, weight, b_arg, targets, lse, grad, acc, n0, n1, V, D, per_split,
-                hidden.stride(0), weight.stride(0), **common)
-            if not fp32:
-                dH[n0:n1].copy_(acc)
-    need_bias = need_bias and bias is not None
-    if need_weight or need_bias:
-        db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
-        dW = torch.zeros((V, D), dtype=dt, device=dev) if need_weight else None
-        rows = _chunk_rows(D, block_v, V, scratch_bytes) if need_weight else triton.cdiv(V, block_v) * block_v
-        if need_weight and not fp32 and (scratch is None or scratch.numel() < rows * D):
-            scratch = torch.empty(rows * D, dtype=torch.float32, device=dev)
-        for v0 in range(0, V, rows):
-            v1 = min(V, v0 + rows)
-            if need_weight:
-                acc = dW[v0:v1] if fp32 else scratch[: (v1 - v0) * D].view(v1 - v0, D).zero_()
-            else:
-                acc = lse  # unused when NEED_DW is False
-            blocks = triton.cdiv(v1 - v0, block_v)
-            splits, per_split = _splits(blocks, N, block_n, target_programs)
-            _logprob_bwd_dw_kernel[(blocks, splits)](
-                hidden, weight, b_arg, targets, lse, grad, acc,
-                db32 if db32 is not None else lse, v0, v1, N, D, per_split,
-                hidden.stride(0), weight.stride(0), NEED_DW=need_weight, NEED_DB=need_bias, **common)
-            if need_weight and not fp32:
-                dW[v0:v1].copy_(acc)
-        db = db32.to(dt) if need_bias else None
-    return dH, dW, db
+    n, D = h.shape
+    vt = w.shape[0]
+    if dx.shape[0] < padded(n, cfg.block_n) or dx.shape[1] < padded(vt, cfg.block_v) \
+            or dx.stride(1) != 1:
+        raise ValueError(f"dx must be a [>= {padded(n, cfg.block_n)}, >= "
+                         f"{padded(vt, cfg.block_v)}] slab with unit column stride, got "
+                         f"{tuple(dx.shape)} strides {dx.stride()}")
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(vt, cfg.block_v),)
+    args = (h, w, b if b is not None else h, t, lse, g, dx, db if db is not None else lse,
+            n, vt, int(v0), D, h.stride(0), w.stride(0), dx.stride(0),
+            float(tf.logit_scale), float(tf.softcap or 1.0), 1.0 / float(tf.temperature))
+    kwargs = dict(
+        HAS_BIAS=b is not None, NEED_DB=db is not None, HAS_SOFTCAP=tf.softcap is not None,
+        DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+        UPCAST=interpreter_upcast(h.dtype), EVEN_D=D % cfg.block_d == 0, GROUP_N=cfg.group_n,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _logprob_bwd_dx_kernel, grid, args, kwargs
+
+
+class GradTiles:
+    """The producer of ``sweep.backward`` for the Triton backend: one kernel launch per tile
+    writes ``dX`` (input dtype) into a slab made once for tiles of ``block_n x block_v``."""
+
+    def __init__(self, tf, dtype, device, block_n, block_v, cfg: KernelConfig):
+        self.tf, self.cfg = tf, cfg
+        self.slab = torch.empty((padded(block_n, cfg.block_n), padded(block_v, cfg.block_v)),
+                                dtype=dtype, device=device)
+
+    def __call__(self, h, w, b, t, lse, g, v0, db):
+        kernel, grid, args, kwargs = dx_launch(h, w, b, t, lse, g, v0, self.slab, db, self.tf,
+                                               self.cfg)
+        kernel[grid](*args, **kwargs)
+        return self.slab[: h.shape[0], : w.shape[0]]

@@ -1,7 +1,9 @@
 """GPU tests of the log-prob op (run by `make gpu-check`; skipped without CUDA).
 
-Real Triton compile, fp32 against the fp64 oracle, bf16 against eager bf16 at
-real vocabulary sizes, 64-bit indexing (N*V > 2^31), and the memory contract.
+Real Triton compile, fp32 against the fp64 oracle, bf16 against eager bf16 at real
+vocabulary sizes and at the goal's shape (N=8192, D=4096, V=128256), the rich-epilogue
+configs (bias + softcap), 64-bit indexing (N*V > 2^31), `backend="auto"`, and the memory
+contract (at most 64 MiB beyond inputs and gradients).
 """
 import pytest
 import torch
@@ -10,7 +12,7 @@ import sgdpo_fast as sf
 from oracle import eager_logprobs, logprob_oracle, rel_err
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = ["triton", "cuda", "torch"]
+GPU_BACKENDS = ["triton", "cuda", "torch", "auto"]
 
 
 def _backend_or_skip(name):
@@ -122,18 +124,102 @@ def test_gpu_int64_weight_offsets(backend):
     assert rel_err(gw[V - 64:], ref_gw_tail) < 2e-2
 
 
-def test_gpu_memory_bf16_llama3_head():
-    """bf16 N=8192, D=4096, V=128256: peak of the op at most inputs + grads + 5%."""
-    N, D, V = 8192, 4096, 128256
+MIB = 2 ** 20
+BUDGET = 64 * MIB   # issue 14's goal: extra memory beyond inputs and gradients
+
+
+def _extra_beyond_grads(backend, N, D, V, ignored):
     torch.cuda.empty_cache()
     h, w, _, t, up = _inputs(N, D, V, torch.bfloat16)
+    t[t == -100] = 0
+    n_ignored = int(N * ignored)
+    t[:n_ignored] = -100
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()  # inputs (h, w, t, up) are already here
-    inputs = (h.numel() + w.numel()) * h.element_size()
-    grads = inputs
+    grads = (h.numel() + w.numel()) * h.element_size()
     torch.cuda.reset_peak_memory_stats()
-    lp = sf.fused_token_logprobs(h, w, t, backend="triton")
+    lp = sf.fused_token_logprobs(h, w, t, backend=backend)
     gh, gw = torch.autograd.grad(lp, (h, w), up)
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= grads + 0.05 * (inputs + grads), (extra / 2**20, grads / 2**20)
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    return torch.cuda.max_memory_allocated() - base - grads, N - n_ignored
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_memory_bf16_llama3_head(backend):
+    """bf16 N=8192, D=4096, V=128256, no ignored rows: peak of forward + backward at most
+    64 MiB beyond inputs and gradients (the backward's slab or tile, scratch and the dH sum
+    kept in dH's own buffer and dW's tail)."""
+    backend = _backend_or_skip(backend)
+    extra, _ = _extra_beyond_grads(backend, 8192, 4096, 128256, ignored=0.0)
+    assert extra <= BUDGET, extra / MIB
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_memory_with_ignored_rows(backend):
+    """With ignored rows the op (sgdpo_fast/ops/logprob.py) gathers the valid rows of hidden
+    and of dH into copies before the backends run: the budget plus those two copies."""
+    backend = _backend_or_skip(backend)
+    extra, n = _extra_beyond_grads(backend, 8192, 4096, 128256, ignored=0.1)
+    copies = 2 * n * 4096 * 2
+    assert extra <= BUDGET + copies, (extra / MIB, copies / MIB)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_goal_shape_accuracy(backend):
+    """bf16 at the goal's shape (the shipped large configs; dH's fp32 sum partly in dW's tail,
+    whose tiles are recomputed): sampled rows against fp64, no worse than eager bf16."""
+    from bench import reference
+    backend = _backend_or_skip(backend)
+    N, D, V = 8192, 4096, 128256
+    h, w, _, t, up = _inputs(N, D, V, torch.bfloat16, seed=3)
+    lp = sf.fused_token_logprobs(h, w, t, backend=backend)
+    (gh,) = torch.autograd.grad(lp, (h,), up)
+    rows = torch.randperm(N, device="cuda")[:128].sort().values
+    with torch.no_grad():
+        ref, lse = reference.logprob64(h[rows].detach(), w.detach(), t[rows])
+        dh64, _, _ = reference.backward64(h[rows].detach(), w.detach(), t[rows], lse, up[rows])
+        eag = eager_logprobs(h[rows].detach(), w.detach(), t[rows])
+    assert (lp[rows].double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
+    he = h[rows].detach().clone().requires_grad_()
+    (eh,) = torch.autograd.grad(eager_logprobs(he, w.detach(), t[rows]), (he,), up[rows])
+    assert rel_err(gh[rows], dh64) <= 1.25 * rel_err(eh, dh64) + 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_bf16_bias_softcap(backend):
+    """The rich-epilogue configs (softcap; bias with db's relaxed atomics) at a large head."""
+    backend = _backend_or_skip(backend)
+    h, w, b, t, up = _inputs(2048, 1024, 32768, torch.bfloat16, bias=True, seed=5)
+    kw = dict(softcap=30.0, temperature=0.9)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, backend=backend, **kw)
+    ref = logprob_oracle(h, w, t, bias=b, **kw)
+    got = torch.autograd.grad(lp, (h, w, b), up)
+    want = torch.autograd.grad(ref, (h, w, b), up.double())
+    eag_in = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    x = eag_in[0] @ eag_in[1].t() + eag_in[2]
+    x = (30.0 * torch.tanh(x.float() / 30.0) / 0.9).log_softmax(-1)
+    valid = t != -100
+    eag = torch.where(valid, x.gather(1, t.clamp(min=0)[:, None]).squeeze(1), torch.zeros(()).cuda())
+    egot = torch.autograd.grad(eag, eag_in, up)
+    assert (lp.double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
+    for a, c, e in zip(got, want, egot):
+        assert a.dtype == torch.bfloat16
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3
+
+
+def test_gpu_auto_runs_the_chosen_backend():
+    """``backend="auto"`` on CUDA runs, per call, the backend the shipped table chooses."""
+    from sgdpo_fast.ops.backends import auto_backend
+    h, w, _, t, up = _inputs(1024, 1024, 32000, torch.bfloat16, seed=6)
+    name, why = auto_backend.explain(
+        auto_backend.gpu_key(torch.cuda.get_device_name(0)), "bf16", int((t != -100).sum()),
+        1024, 32000, auto_backend.usable_backends("cuda"))
+    print("auto ->", name, "|", why)
+    outs = []
+    for backend in ("auto", name):
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        lp = sf.fused_token_logprobs(hh, ww, t, backend=backend)
+        outs.append((lp.detach(),) + torch.autograd.grad(lp, (hh, ww), up))
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)

@@ -136,7 +136,7 @@ def _run_driver(forward, backward, h, w, b, t, up, tf, tiles):
 def _native_driver():
     fwd = lambda h, w, b, t, plan: sweep.forward_stats(h, w, b, t, plan.transform, EP,  # noqa: E731
                                                        plan.tiles)
-    bwd = lambda h, w, b, t, lse, g, plan, *needs: sweep.backward(  # noqa: E731
+    bwd = lambda h, w, b, t, lse, g, plan, *needs: sweep.backward_tiled(  # noqa: E731
         h, w, b, t, lse, g, plan.transform, EP, plan.tiles, *needs)
     return fwd, bwd
 

@@ -167,3 +167,106 @@ def test_triton_backward_chunks_and_splits(dtype):
     want = torch.autograd.grad(ref, (h, w, b), up.double())
     for a, c in zip(got, want):
         assert a.dtype == dtype and rel_err(a, c) < 1e-4, rel_err(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_nan_upstream_gradient_propagates(dtype):
+    """A NaN upstream gradient at one valid row: its dH row, and all of dW and db, are NaN (as
+    eager autograd gives); every other dH row is the oracle's.  The rest of its token block
+    has a zero upstream gradient: the old kernels skipped a block unless max |g| > 0, which
+    NaN and 0 are not (tl.max drops NaN), and returned 0 there."""
+    h, w, b, t, up = _inputs(21, 24, 90, dtype=dtype, bias=True)
+    k = 3
+    t[t == -100] = 5        # no ignored rows: the backend's first 16-row block is rows 0-15
+    up[:16] = 0.0
+    up[k] = float("nan")
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN)
+    gh, gw, gb = torch.autograd.grad(lp, (h, w, b), up)
+    assert torch.isnan(gh[k]).all() and torch.isnan(gw).all() and torch.isnan(gb).all()
+    rest = torch.arange(21) != k
+    assert torch.isfinite(gh[rest]).all()
+    up0 = torch.where(rest, up, torch.zeros_like(up))
+    ref = logprob_oracle(h, w, t, bias=b)
+    (want,) = torch.autograd.grad(ref, (h,), up0.double())
+    if dtype == torch.float32:
+        assert rel_err(gh[rest], want[rest]) < 1e-4
+    else:
+        (eag,) = torch.autograd.grad(eager_logprobs(h, w, t, bias=b), (h,), up0)
+        assert rel_err(gh[rest], want[rest]) <= 1.25 * rel_err(eag[rest], want[rest]) + 1e-3
+
+
+# slab / accumulator layouts of the backward (sgdpo_fast/ops/sweep.py) with the Triton
+# gradient-tile kernel as the producer: (slab_bytes, scratch_bytes, weight needs a gradient)
+LAYOUTS = {
+    "one-slab": (1 << 20, 1 << 20, True),
+    "row-blocks": (16 * 96 * 4, 1 << 20, True),       # 16 tokens x 96 ids per slab
+    "dW-tail": (1 << 20, 4 * 32, True),               # dH's sum borrows dW's end: tail re-run
+    "frozen-head": (16 * 96 * 4, 4 * 32, False),      # no dW: row chunks
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_backward_layouts(layout, dtype):
+    slab, scratch, weight_grad = LAYOUTS[layout]
+    cfg = TritonConfig(block_n=16, block_v=32, block_d=16, slab_bytes=slab,
+                       scratch_bytes=scratch)
+    h, w, b, t, up = _inputs(45, 32, 1100, dtype=dtype, bias=True)   # D = 2 x block_d: EVEN_D
+    w_in = w if weight_grad else w.detach()
+    kw = {"temperature": 0.9} if dtype == torch.float32 else {}
+    lp = sf.fused_token_logprobs(h, w_in, t, bias=b, plan=PLAN.replace(triton=cfg), **kw)
+    ins = (h, w, b) if weight_grad else (h, b)
+    got = torch.autograd.grad(lp, ins, up)
+    ref = logprob_oracle(h, w_in, t, bias=b, **kw)
+    want = torch.autograd.grad(ref, ins, up.double())
+    if dtype == torch.float32:
+        for a, c in zip(got, want):
+            assert rel_err(a, c) < 1e-4
+    else:   # no worse than eager bf16 (plus a margin), as the numerics contract asks
+        eag = torch.autograd.grad(eager_logprobs(h, w_in, t, bias=b), ins, up)
+        for a, c, e in zip(got, want, eag):
+            assert a.dtype == dtype and rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3
+
+
+def test_triton_launch_order_does_not_change_results():
+    """The grouped launch order only permutes independent programs: bitwise equal results
+    (db, summed with atomics, up to the order of its fp32 additions)."""
+    h, w, b, t, up = _inputs(70, 24, 300, bias=True)
+    outs = []
+    for group in (1, 3, 8):
+        cfg = TritonConfig(block_n=16, block_v=32, block_d=16, group_n=group, splits=2,
+                           slab_bytes=32 * 300 * 4)
+        lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN.replace(triton=cfg))
+        outs.append((lp.detach(),) + torch.autograd.grad(lp, (h, w, b), up))
+    for o in outs[1:]:
+        for a, c in zip(o[:3], outs[0][:3]):
+            assert torch.equal(a, c)
+        torch.testing.assert_close(o[3], outs[0][3], rtol=1e-6, atol=1e-7)
+
+
+def _eager_transformed(h, w, b, t, softcap, temperature):
+    """Eager in the inputs' dtype: bf16 logits (+ bias), then the transform and log_softmax in
+    fp32 (what a user writes for a softcapped head)."""
+    x = (h @ w.t() + b).float()
+    x = softcap * torch.tanh(x / softcap) / temperature
+    lp = torch.log_softmax(x, -1)
+    valid = t != -100
+    out = lp.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def test_triton_bf16_softcap_bias_temperature_no_worse_than_eager():
+    """The rich-epilogue kernels (softcap; bias with db's atomics) in bf16, odd sizes, ignored
+    rows: error against fp64 no worse than eager bf16's (plus a margin)."""
+    kw = dict(softcap=4.0, temperature=0.8)
+    h, w, b, t, up = _inputs(43, 40, 333, dtype=torch.bfloat16, bias=True)
+    lp = sf.fused_token_logprobs(h, w, t, bias=b, plan=PLAN, **kw)
+    ref = logprob_oracle(h, w, t, bias=b, **kw)
+    eag = _eager_transformed(h, w, b, t, **kw)
+    assert (lp.double() - ref).abs().max() <= 1.25 * (eag.double() - ref).abs().max() + 1e-3
+    got = torch.autograd.grad(lp, (h, w, b), up)
+    want = torch.autograd.grad(ref, (h, w, b), up.double())
+    egot = torch.autograd.grad(eag, (h, w, b), up)
+    for a, c, e in zip(got, want, egot):
+        assert a.dtype == torch.bfloat16
+        assert rel_err(a, c) <= 1.25 * rel_err(e, c) + 1e-3, (rel_err(a, c), rel_err(e, c))

@@ -105,11 +105,14 @@ void grad_tile_cpu(float* x, int64_t n, int64_t vt, int64_t ldx, int64_t v0,
   for (int64_t i = 0; i < n; ++i) {
     float* xr = x + i * ldx;
     const float gi = g[i];
-    if (gi == 0.f) {
+    const float l = lse[i];
+    if (gi == 0.f && std::isfinite(l)) {
+      // a finite lse means every logit of the row is finite (a NaN or +inf logit makes the
+      // row's lse NaN/inf): 0 * (onehot - p) * dz/dx is exactly 0.  Otherwise compute, so a
+      // non-finite row gives NaN as the other backends (and IEEE 0 * NaN) do.
       std::fill(xr, xr + vt, 0.f);
       continue;
     }
-    const float l = lse[i];
     const int64_t local = targets[i] - v0;
     const bool has_target = local >= 0 && local < vt;
     float dzdx_target = 0.f;

@@ -108,7 +108,9 @@ __global__ void grad_tile_kernel(T* __restrict__ x, int64_t vt, int64_t ldx, int
     float dzdx;
     const float z = transform_grad(to_f32(xr[j]), tf, &dzdx);
     const float onehot = (j == local) ? 1.f : 0.f;
-    xr[j] = from_f32<T>(gi == 0.f ? 0.f : gi * (onehot - __expf(z - l)) * dzdx);
+    // g = 0 with a finite lse (every logit of the row finite) is exactly 0; a non-finite
+    // row computes, giving NaN as IEEE 0 * NaN and the other backends do
+    xr[j] = from_f32<T>((gi == 0.f && isfinite(l)) ? 0.f : gi * (onehot - __expf(z - l)) * dzdx);
   }
 }
 

@@ -1,13 +1,15 @@
 """``LogprobPlan``: every execution choice of the log-prob op, in one frozen object.
 
 A plan is resolved once per call (``LogprobPlan.resolve``: ``backend="auto"`` becomes a
-concrete backend for the device) and travels with the call: the forward runs with it and
+concrete backend for a CPU device; on CUDA it stays ``auto`` and ``backends/auto_backend.py``
+picks the backend per call by device, dtype and shape from the shipped table of measured
+results, the same for the forward and the backward) and travels with the call: the forward runs with it and
 the backward reads the very same plan from ``ctx`` (or from the custom op's arguments), so
 the two can never disagree.  Nothing of the op's configuration lives in module globals.
 
 Fields:
 
-``backend``   ``"auto"``, ``"torch"`` (tiled driver + torch epilogue, any device), ``"cpu"``
+``backend``   ``"auto"`` (see above), ``"torch"`` (tiled driver + torch epilogue, any device), ``"cpu"``
               (tiled driver + the C++ epilogue of ``sgdpo_fast._C``), ``"cuda"`` (tiled
               driver + the CUDA epilogue of ``sgdpo_fast._C_cuda``) or ``"triton"`` (the
               fused kernels of ``sgdpo_fast.kernels``).
@@ -38,16 +40,20 @@ METRICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shape of the tiled driver (``sweep.py``): a logit tile holds at most
-    ``tile_elems`` fp32 values, ``min(N, max_block_n)`` tokens by at least ``min_block_v``
-    vocabulary entries."""
+    """Tile shape of the tiled driver (``sweep.py``; the ``torch``/``cpu``/``cuda`` backends): a
+    logit tile holds at most ``tile_elems`` fp32 values, ``min(N, max_block_n)`` tokens by at
+    least ``min_block_v`` vocabulary entries.  ``scratch_bytes`` bounds the backward's fp32
+    accumulators beyond the gradients themselves for bf16/fp16 inputs (see
+    ``sweep.backward``: part of dH's fp32 sum lives in the not-yet-written gradient buffers,
+    the rest in this much scratch)."""
 
-    tile_elems: int = 1 << 22   # 16 MiB of fp32
-    max_block_n: int = 2048     # tokens per tile: fewer passes over W when larger
+    tile_elems: int = 1 << 22       # 16 MiB of fp32
+    max_block_n: int = 2048         # tokens per tile: fewer passes over W when larger
     min_block_v: int = 256
+    scratch_bytes: int = 16 << 20   # fp32 accumulator scratch of the backward (bf16/fp16)
 
     def __post_init__(self):
-        for name in ("tile_elems", "max_block_n", "min_block_v"):
+        for name in ("tile_elems", "max_block_n", "min_block_v", "scratch_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {v!r}")
@@ -58,27 +64,48 @@ class TileConfig:
         block_v = max(self.min_block_v, self.tile_elems // block_n)
         return block_n, max(1, min(V, block_v))
 
+    def as_list(self) -> list:
+        """Encoding for the custom op's schema."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
 
 @dataclass(frozen=True)
 class TritonConfig:
     """Block sizes and launch shape of the Triton kernels (``kernels/logprob_*.py``).
-    ``None`` fields take the kernel modules' defaults.  ``splits``: forward vocabulary
-    splits (``None``: enough for about ``target_programs`` programs per launch);
-    ``scratch_bytes``: the backward's fp32 accumulator for bf16/fp16 gradients."""
+
+    ``None`` fields take the kernels' choice for the problem: the config table of
+    ``kernels/logprob_configs.py``, keyed on (D, V, dtype), restricted to configs that compile
+    for sm_90 without register spills (``bench/results/sm90-kernels.md``).  The block fields
+    apply to both the forward kernel and the backward's gradient-tile kernel.
+
+    ``block_n``/``block_v``/``block_d``  tile of tokens x vocabulary entries, and the chunk of
+                  the hidden dimension per ``tl.dot``
+    ``num_warps``/``num_stages``  warps per program, software-pipelining depth
+    ``group_n``   launch order: programs of ``group_n`` token blocks run side by side, so the
+                  weight tiles they share are read once from HBM and then hit in L2
+    ``splits``    forward: vocabulary splits per token block (``None``: enough programs for
+                  ``target_programs``, or 16 waves of the device's multiprocessors)
+    ``target_programs``  forward: programs per launch the split count aims at
+    ``slab_bytes``  backward: the recomputed gradient tile ``dL/dlogits`` of a whole vocabulary
+                  chunk (all tokens when they fit) goes through a slab of at most this many
+                  bytes, consumed by two library GEMMs (dH and dW)
+    ``scratch_bytes``  backward: fp32 accumulator scratch beyond the gradients (bf16/fp16)
+    """
 
     block_n: Optional[int] = None
     block_v: Optional[int] = None
     block_d: Optional[int] = None
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
+    group_n: Optional[int] = None
     splits: Optional[int] = None
     target_programs: Optional[int] = None
+    slab_bytes: Optional[int] = None
     scratch_bytes: Optional[int] = None
 
-    FORWARD = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "splits",
-               "target_programs")
-    BACKWARD = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "target_programs",
-                "scratch_bytes")
+    KERNEL = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "group_n")
+    FORWARD = KERNEL + ("splits", "target_programs")
+    BACKWARD = KERNEL + ("slab_bytes", "scratch_bytes")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -138,8 +165,7 @@ class LogprobPlan:
             raise ValueError("gather must be a zero-argument callable returning a context manager")
         # the custom op's encoding of the execution choices (read while tracing, so plain
         # attributes rather than methods)
-        object.__setattr__(self, "_op_tiles", [self.tiles.tile_elems, self.tiles.max_block_n,
-                                               self.tiles.min_block_v])
+        object.__setattr__(self, "_op_tiles", self.tiles.as_list())
         object.__setattr__(self, "_op_triton", self.triton.as_list())
 
     def replace(self, **kw) -> "LogprobPlan":

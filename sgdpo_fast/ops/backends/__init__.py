@@ -21,6 +21,9 @@ A backend is a module with two functions; all tensors on one device, the plan re
 | ``cpu``    | CPU  | ``sweep.py`` driver + the C++ epilogue (``sgdpo_fast._C``) |
 | ``cuda``   | CUDA | ``sweep.py`` driver + the CUDA epilogue (``sgdpo_fast._C_cuda``) |
 | ``triton`` | CUDA (CPU under ``TRITON_INTERPRET=1``) | fused kernels of ``sgdpo_fast.kernels`` |
+
+``auto`` on CUDA stays ``auto`` in the plan: ``auto_backend`` picks one of these per call from
+the shipped table of measured (else modeled) results, by device, dtype and shape.
 """
 from __future__ import annotations
 
@@ -48,18 +51,16 @@ def triton_usable(device_type: str) -> bool:
 def resolve(name: str, device_type: str) -> str:
     """Map ``backend=`` to a concrete backend for a device type (``"cpu"``, ``"cuda"``, ...).
 
-    ``auto``: on CUDA the ``triton`` kernels, else the ``cuda`` extension, else ``torch``;
-    on CPU the ``cpu`` backend when the C++ extension is built, else ``torch``.  A constant
-    for ``torch.compile`` (it depends on the machine, not on tensor values)."""
+    ``auto``: on CUDA ``auto`` itself (``auto_backend`` chooses per call, by shape, from the
+    table of measured results shipped with the package); on CPU the ``cpu`` backend when the
+    C++ extension is built, else ``torch``.  A constant for ``torch.compile`` (it depends on
+    the machine, not on tensor values)."""
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     from .. import native
     if name == "auto":
         if device_type == "cuda":
-            # no GPU measurement has been taken yet to choose between triton and cuda per shape
-            if triton_usable(device_type):
-                return "triton"
-            return "cuda" if native.cuda_epilogue() is not None else "torch"
+            return "auto"
         if device_type == "cpu":
             return "cpu" if native.cpu_epilogue() is not None else "torch"
         return "torch"
@@ -78,7 +79,8 @@ def resolve(name: str, device_type: str) -> str:
 
 
 def get(name: str):
-    """The backend module ``name`` (a concrete name, see ``resolve``)."""
-    if name not in BACKENDS:
+    """The backend module ``name`` (a resolved name, see ``resolve``; ``"auto"`` is the
+    per-call dispatcher of CUDA devices)."""
+    if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return importlib.import_module(f"sgdpo_fast.ops.backends.{name}_backend")

@@ -27,6 +27,6 @@ def forward(hidden, weight, bias, targets, plan, epilogue=None):
 
 def backward(hidden, weight, bias, targets, lse, grad, plan, needs_hidden, needs_weight,
              needs_bias, epilogue=None):
-    return sweep.backward(hidden, weight, bias, targets, lse, grad, plan.transform,
-                          epilogue or _epilogue(), plan.tiles, needs_hidden, needs_weight,
-                          needs_bias)
+    return sweep.backward_tiled(hidden, weight, bias, targets, lse, grad, plan.transform,
+                                epilogue or _epilogue(), plan.tiles, needs_hidden, needs_weight,
+                                needs_bias)

@@ -17,5 +17,5 @@ def forward(hidden, weight, bias, targets, plan):
 
 def backward(hidden, weight, bias, targets, lse, grad, plan, needs_hidden, needs_weight,
              needs_bias):
-    return sweep.backward(hidden, weight, bias, targets, lse, grad, plan.transform,
-                          epilogue_torch, plan.tiles, needs_hidden, needs_weight, needs_bias)
+    return sweep.backward_tiled(hidden, weight, bias, targets, lse, grad, plan.transform,
+                                epilogue_torch, plan.tiles, needs_hidden, needs_weight, needs_bias)
