@@ -22,8 +22,17 @@ import warnings
 import torch
 
 _STATE: dict = {}
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                     "csrc")
+
+
+def _csrc_dir() -> str:
+    """The native sources: ``csrc/`` of a source tree (editable install), else the copy an
+    installed wheel ships as ``sgdpo_fast/_csrc``."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.path.join(os.path.dirname(pkg), "csrc"), os.path.join(pkg, "_csrc")):
+        if os.path.isfile(os.path.join(d, "cuda", "epilogue.cu")):
+            return d
+    raise ImportError("the native sources (csrc/) are neither in the source tree nor in the "
+                      "installed package")
 _TILE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -119,10 +128,11 @@ def _jit_cuda():
         inc = [pybind11.get_include()]
     except ImportError:  # torch's include path carries pybind11's headers too
         inc = []
+    csrc = _csrc_dir()
     return load(name="_C_cuda",
-                sources=[os.path.join(_CSRC, "cuda", "bindings.cpp"),
-                         os.path.join(_CSRC, "cuda", "epilogue.cu")],
-                extra_include_paths=[_CSRC] + inc,
+                sources=[os.path.join(csrc, "cuda", "bindings.cpp"),
+                         os.path.join(csrc, "cuda", "epilogue.cu")],
+                extra_include_paths=[csrc] + inc,
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
 
 
