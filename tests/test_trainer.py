@@ -362,22 +362,25 @@ def _killed_run(tok, tmp_path, cfg, at, seed=3):
     return run
 
 
-def _full_run(tok, tmp_path, cfg, seed=3):
-    full = tiny_model(seed, dropout=0.2)
-    train(full, tok, PAIRS, cfg, str(tmp_path / "full"))
-    return _params(full)
-
-
 RESUME_CFG = dict(loss_type="sgdpo", max_steps=5, batch_size=1, grad_accum=2, save_every=1,
                   keep_checkpoints=3, warmup_ratio=0.3)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tok, tmp_path_factory):
+    """The weights after an uninterrupted RESUME_CFG run (computed once for the module)."""
+    full = tiny_model(3, dropout=0.2)
+    train(full, tok, PAIRS, _cfg(**RESUME_CFG), str(tmp_path_factory.mktemp("full")))
+    return _params(full)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
-def test_resume_falls_back_to_the_newest_intact_checkpoint(tok, tmp_path, capsys, damage):
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tok, tmp_path, capsys, damage,
+                                                           uninterrupted):
     """Item 6: the newest checkpoint is damaged (cut short, a flipped byte, emptied): resume
     names the bad file, continues from the one before, and still ends bit-exact."""
     cfg = _cfg(**RESUME_CFG)
-    want = _full_run(tok, tmp_path, cfg)
+    want = uninterrupted
     run = _killed_run(tok, tmp_path, cfg, at=4)
     newest = os.path.join(run, "checkpoints", "step-000004")
     files = [os.path.join(newest, f) for f in os.listdir(newest)]
@@ -404,9 +407,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tok, tmp_path, capsys
         assert torch.equal(got[k], want[k]), k
 
 
-def test_a_damaged_reference_file_is_recomputed(tok, tmp_path, capsys):
+def test_a_damaged_reference_file_is_recomputed(tok, tmp_path, capsys, uninterrupted):
     cfg = _cfg(**RESUME_CFG)
-    want = _full_run(tok, tmp_path, cfg)
+    want = uninterrupted
     run = _killed_run(tok, tmp_path, cfg, at=2)
     (ref,) = [os.path.join(run, f) for f in os.listdir(run) if f.startswith("reference_logps")]
     with open(ref, "r+b") as f:
@@ -579,3 +582,13 @@ def test_tail_tokenization_matches_whole_text_on_bpe():
         for n in (1, 7, 100):
             assert tail_ids(tk, text, n) == whole[-n:], (s, n)
             assert head_ids(tk, text, n) == whole[:n], (s, n)
+
+
+def test_every_setting_has_a_rule():
+    """A new TrainConfig field cannot slip past validation: each has a rule (adam_betas, a
+    pair, is checked on its own)."""
+    import dataclasses
+    from sgdpo_fast.trainer.config import RULES
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(RULES) | {"adam_betas"}
+    for name, rule in RULES.items():
+        assert rule.problem(getattr(TrainConfig(), name)) is None, name  # defaults are allowed

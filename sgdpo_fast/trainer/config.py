@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 class Rule:
     """What one setting allows: ``kind`` int, float, bool, str or choice; numbers within
     ``lo``..``hi`` (open ends with ``lo_open`` / ``hi_open``; floats always finite);
-    ``none`` also allows None (on the command line: ``none``); ``choices`` for ``choice``."""
+    ``none`` also allows None (on the command line, for numbers: ``none`` or ``off``);
+    ``choices`` for ``choice``."""
 
     kind: str
     lo: Optional[float] = None
@@ -92,7 +93,7 @@ class Rule:
     def parse(self, text: str):
         """The value of a command-line string; ValueError (argparse reports it with the flag)
         when it is not allowed."""
-        if self.none and text.strip().lower() in ("none", "off"):
+        if self.none and self.kind in ("int", "float") and text.strip().lower() in ("none", "off"):
             return None
         if self.kind == "int":
             try:
