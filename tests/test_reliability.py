@@ -31,12 +31,13 @@ socket.socket.connect_ex = _blocked
 """
 
 
-def _child(code: str, tmp_path) -> dict:
+def _child(code: str, tmp_path, **env_vars) -> dict:
     """Run ``code`` in a fresh interpreter with no network and no offline variables set (what
-    a user's shell has); it leaves its findings in the dict ``OUT``, returned here."""
+    a user's shell has; ``env_vars`` adds some); it leaves its findings in the dict ``OUT``,
+    returned here."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env["PYTHONPATH"] = TESTS
+    env.update(env_vars, PYTHONPATH=TESTS)
     res = tmp_path / "out.json"
     script = NO_NETWORK + "OUT = {}\n" + code + f"\nOUT['attempts'] = ATTEMPTS\n" \
         f"import json; json.dump(OUT, open({str(res)!r}, 'w'))\n"
@@ -55,27 +56,27 @@ def model_dir(tmp_path_factory):
 
 
 def test_offline_by_default_nothing_reaches_the_network(model_dir, tmp_path):
-    """Item 7: the CLI with a Hub name fails fast in one line; load_model of a local folder
-    sets the offline switches before huggingface_hub is imported (which reads them once);
-    load_model("gpt2") and hf: data without the opt-in fail at once; no socket is opened."""
+    """Item 7: load_model sets the offline switches before huggingface_hub is imported (which
+    reads them once); load_model("gpt2"), the CLI with a Hub name and hf: data without the
+    opt-in fail at once; no socket is opened."""
     out = _child(f"""
 import contextlib, io, sys
+from sgdpo_fast.model.loading import load_model
+try:
+    load_model("gpt2")
+except ValueError as e:
+    OUT['gpt2'] = str(e)
+OUT['hub_imported_before_load'] = 'huggingface_hub' in sys.modules
+model, tok = load_model({model_dir!r})
+OUT['loaded'] = type(model).__name__
+import huggingface_hub.constants as c
+OUT['hub_offline'] = bool(c.HF_HUB_OFFLINE)
 from sgdpo_fast import cli
 err = io.StringIO()
 with contextlib.redirect_stderr(err):
     OUT['cli_rc'] = cli.main(["train", "--model", "gpt2", "--data", "bundled:train",
                               "--loss-type", "sft", "--out", {str(tmp_path / 'o')!r}])
 OUT['cli_err'] = err.getvalue()
-OUT['hub_imported_by_cli'] = 'huggingface_hub' in sys.modules
-from sgdpo_fast.model.loading import load_model
-try:
-    load_model("gpt2")
-except ValueError as e:
-    OUT['gpt2'] = str(e)
-model, tok = load_model({model_dir!r})
-OUT['loaded'] = type(model).__name__
-import huggingface_hub.constants as c
-OUT['hub_offline'] = bool(c.HF_HUB_OFFLINE)
 from sgdpo_fast.data.records import DataError, load_preferences
 try:
     load_preferences("hf:some-org/some-dataset")
@@ -83,28 +84,35 @@ except DataError as e:
     OUT['hf'] = str(e)
 """, tmp_path)
     assert out["attempts"] == [], out["attempts"]
+    assert "no model folder at gpt2 (nothing is downloaded)" in out["gpt2"]
+    assert out["hub_imported_before_load"] is False
+    assert out["loaded"] == "LlamaForCausalLM" and out["hub_offline"] is True
     assert out["cli_rc"] == 2
     lines = [l for l in out["cli_err"].splitlines() if l.strip()]
     assert len(lines) == 1 and "no model folder at gpt2 (nothing is downloaded)" in lines[0], lines
-    assert "no model folder at gpt2 (nothing is downloaded)" in out["gpt2"]
-    assert out["loaded"] == "LlamaForCausalLM" and out["hub_offline"] is True
     assert "--online" in out["hf"]
 
 
-def test_cli_sets_the_offline_switches_before_any_hub_import(model_dir, tmp_path):
-    """The CLI (not load_model) is the first to run here: its switches are the ones the Hub
-    library reads at import; --online leaves the environment as it is."""
+@pytest.mark.parametrize("online", [False, True])
+def test_the_cli_is_offline_unless_told_online(model_dir, tmp_path, online):
+    """The CLI sets the switches itself, over the user's HF_HUB_OFFLINE=0, before any Hub
+    import; with --online it leaves them as they are.  Either way the model comes from the
+    local folder and no socket is opened."""
     out = _child(f"""
 import contextlib, io, os
 from sgdpo_fast import cli
 with contextlib.redirect_stdout(io.StringIO()):
-    OUT['rc'] = cli.main(["eval", "--model", {model_dir!r}, "--limit", "1", "--max-new-tokens", "1"])
+    OUT['rc'] = cli.main(["eval", "--model", {model_dir!r}, "--limit", "1", "--max-new-tokens", "1"]
+                         + (["--online"] if {online!r} else []))
 import huggingface_hub.constants as c
 OUT['hub_offline'] = bool(c.HF_HUB_OFFLINE)
 OUT['env'] = [os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
-""", tmp_path)
+""", tmp_path, HF_HUB_OFFLINE="0")
     assert out["rc"] == 0 and out["attempts"] == []
-    assert out["hub_offline"] is True and out["env"] == ["1", "1", "1"]
+    if online:
+        assert out["hub_offline"] is False and out["env"][0] == "0"
+    else:
+        assert out["hub_offline"] is True and out["env"] == ["1", "1", "1"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])

@@ -592,3 +592,44 @@ def test_every_setting_has_a_rule():
     assert {f.name for f in dataclasses.fields(TrainConfig)} == set(RULES) | {"adam_betas"}
     for name, rule in RULES.items():
         assert rule.problem(getattr(TrainConfig(), name)) is None, name  # defaults are allowed
+
+
+def test_state_store_round_trip(tmp_path):
+    """state_io keeps every kind of value a state_dict holds, exactly: int and str keys,
+    tuples vs lists, non-finite floats, dtypes, 0-d / empty / non-contiguous tensors, and
+    tensors sharing storage (tied weights: stored once, restored as one)."""
+    from sgdpo_fast.trainer.state_io import read_state, save_state
+    w = torch.randn(5, 3)
+    tree = {"model": {"embed.weight": w, "lm_head.weight": w, "half": w[:2], "t": w.t()},
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.zeros(0)}},
+                          "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0, 1],
+                                            "fused": None, "amsgrad": False}]},
+            "x": [float("nan"), float("inf"), -float("inf"), 0.1, 2**62, "s", None],
+            "bf16": torch.randn(4).bfloat16(), "u8": torch.arange(7, dtype=torch.uint8)}
+    save_state(str(tmp_path), tree, {"step": 7})
+    got, meta = read_state(str(tmp_path))
+    assert meta == {"step": 7}
+    assert torch.equal(got["model"]["embed.weight"], w) and torch.equal(got["model"]["t"], w.t())
+    assert got["model"]["embed.weight"] is got["model"]["lm_head.weight"]
+    assert torch.equal(got["model"]["half"], w[:2])
+    assert list(got["optimizer"]["state"]) == [0] and got["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert got["optimizer"]["state"][0]["m"].shape == (0,)
+    x = got["x"]
+    assert math.isnan(x[0]) and x[1:] == [float("inf"), -float("inf"), 0.1, 2**62, "s", None]
+    assert got["bf16"].dtype == torch.bfloat16 and torch.equal(got["bf16"], tree["bf16"])
+    assert torch.equal(got["u8"], tree["u8"])
+
+
+def test_tied_weights_checkpoint_and_resume(tok, tmp_path):
+    """A model with tied input/output embeddings (as SmolLM2) checkpoints and resumes exactly."""
+    cfg = _cfg(loss_type="sigmoid", max_steps=3, save_every=1)
+    full = tiny_model(16, tie=True)
+    train(full, tok, PAIRS, cfg, str(tmp_path / "full"))
+    run = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        train(tiny_model(16, tie=True), tok, PAIRS, cfg, run, callbacks=[_stop_at(2)])
+    resumed = tiny_model(16, tie=True)
+    train(resumed, tok, PAIRS, cfg, run, resume=True)
+    assert resumed.lm_head.weight is resumed.model.embed_tokens.weight
+    for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), k

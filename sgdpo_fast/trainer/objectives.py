@@ -52,10 +52,14 @@ def save_reference(path: str, fingerprint: str, logps: List[torch.Tensor]) -> No
     lengths = torch.tensor([x.numel() for x in logps], dtype=torch.int64)
     digest = hashlib.sha256(flat.numpy().tobytes() + lengths.numpy().tobytes()).hexdigest()
     tmp = path + ".tmp"
-    with writing(path):
-        save_file({"logps": flat.contiguous(), "lengths": lengths}, tmp,
-                  metadata={"format": REF_FORMAT, "fingerprint": fingerprint, "sha256": digest})
-        os.replace(tmp, path)
+    try:
+        with writing(path):
+            save_file({"logps": flat.contiguous(), "lengths": lengths}, tmp,
+                      metadata={"format": REF_FORMAT, "fingerprint": fingerprint, "sha256": digest})
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_reference(path: str, fingerprint: str):
