@@ -8,8 +8,18 @@ The demo (``make demo``, ``python -m examples.demo``) and the benchmark (``pytho
 bench``) live in the source tree, beside the package.
 
 ``--model`` is a local Hugging Face folder (a run's ``final/`` works) or
-``embedded:smollm2-135m`` (default).  Every run writes into ``--out`` and
-continues an interrupted run with ``--resume``.
+``embedded:smollm2-135m`` (default); nothing is downloaded.  Every run writes into
+``--out``; ``--resume`` continues an interrupted run, ``--overwrite`` replaces a run that is
+there (without either, a folder holding a run is refused and left as it is).
+
+Offline by default: the Hugging Face offline switches are set before any Hugging Face
+library is imported; ``--online`` (train, sgpo, eval) allows ``hf:`` datasets to be
+downloaded.
+
+Exit codes: 0 done; 2 a user error (a flag out of range, bad data, no model folder, a run
+folder that does not fit), reported in one line on stderr; 1 the run failed (a non-finite
+loss, gradient or weight; a failed write such as a full disk), also one line; 130
+interrupted (a checkpoint is saved; ``--resume`` continues).
 """
 from __future__ import annotations
 
@@ -19,52 +29,85 @@ import os
 import signal
 import sys
 
-from .trainer.config import TrainConfig
+from .trainer.config import RULES, ConfigError, Rule, TrainConfig
 
-# flag -> TrainConfig field (type from the dataclass default); only flags given override
-_TRAIN_FLAGS = {
-    "loss_type": str, "beta": float, "label_smoothing": float, "pilot_ratio_chosen": float,
-    "pilot_ratio_rejected": float, "pilot_mode": str, "simpo_gamma": float, "nll_alpha": float,
-    "reference": str, "lr": float, "weight_decay": float, "warmup_ratio": float,
-    "max_grad_norm": float, "epochs": int, "max_steps": int, "batch_size": int,
-    "grad_accum": int, "max_length": int, "max_prompt_length": int, "seed": int,
-    "save_every": int, "keep_checkpoints": int, "backend": str, "system_prompt": str,
-}
+_UNSET = object()  # a flag that was not given
+
+# TrainConfig fields with a --flag of their own (parsed and range-checked by config.RULES)
+_TRAIN_FLAGS = (
+    "loss_type", "beta", "label_smoothing", "pilot_ratio_chosen", "pilot_ratio_rejected",
+    "pilot_mode", "simpo_gamma", "nll_alpha", "reference", "lr", "weight_decay", "warmup_ratio",
+    "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
+    "max_prompt_length", "seed", "save_every", "keep_checkpoints", "backend", "system_prompt",
+)
+_SWITCHES = ("pilot_grad", "gradient_checkpointing", "bf16", "progress")
+
+
+class _UsageError(Exception):
+    """A command line that cannot be parsed: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its own print the usage block and exit)."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _typed(rule: Rule):
+    """An argparse ``type=`` that parses with ``rule`` (finite numbers, ranges, choices)."""
+    def parse(text):
+        try:
+            return rule.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = rule.kind  # argparse names the type in some messages
+    return parse
 
 
 def _add_model(ap):
     ap.add_argument("--model", default="embedded:smollm2-135m",
-                    help="local HF causal LM folder, or embedded:smollm2-135m (default)")
+                    help="local HF causal LM folder, or embedded:smollm2-135m (default); "
+                         "nothing is downloaded")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    ap.add_argument("--online", action="store_true",
+                    help="allow hf: datasets to be downloaded (offline by default)")
 
 
 def _add_train_flags(ap, prefix=""):
     g = ap.add_argument_group(f"{prefix or 'training'} options (TrainConfig)")
-    for name, typ in _TRAIN_FLAGS.items():
+    for name in _TRAIN_FLAGS:
+        rule = RULES[name]
+        extra = " ('none': no clipping)" if name == "max_grad_norm" else ""
         g.add_argument(f"--{prefix}{name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{name}",
-                       type=typ, default=None, help=f"default {getattr(TrainConfig, name)!r}")
+                       type=_typed(rule), default=_UNSET, metavar=name.upper(),
+                       help=f"{rule.describe()}; default {getattr(TrainConfig, name)!r}{extra}")
     if not prefix:
-        g.add_argument("--pilot-grad", action="store_true", default=None)
-        g.add_argument("--gradient-checkpointing", action="store_true", default=None)
-        g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+        g.add_argument("--pilot-grad", action="store_true", default=_UNSET)
+        g.add_argument("--gradient-checkpointing", action="store_true", default=_UNSET)
+        g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=_UNSET,
                        help="bf16 autocast (default: on with CUDA)")
-        g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+        g.add_argument("--no-progress", dest="progress", action="store_false", default=_UNSET)
 
 
 def _train_config(args, prefix="", base: TrainConfig = None) -> TrainConfig:
     base = base or TrainConfig()
-    names = list(_TRAIN_FLAGS) + (["pilot_grad", "gradient_checkpointing", "bf16", "progress"]
-                                  if not prefix else [])
-    kw = {n: getattr(args, prefix + n) for n in names
-          if getattr(args, prefix + n, None) is not None}
+    names = _TRAIN_FLAGS + (_SWITCHES if not prefix else ())
+    kw = {n: v for n in names if (v := getattr(args, prefix + n, _UNSET)) is not _UNSET}
     return base.replace(**kw).validate()
 
 
 def _device(args):
     import torch
-    if args.device:
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available")
+    return args.device
 
 
 def _load_for_training(args):
@@ -77,12 +120,14 @@ def _load_for_training(args):
 
 def _cmd_train(args):
     from .data.records import load_preferences, load_sft
-    from .trainer import train
+    from .trainer import check_start, train
 
     cfg = _train_config(args)
-    records = load_sft(args.data) if cfg.loss_type == "sft" else load_preferences(args.data)
+    check_start(args.out, args.resume, args.overwrite)  # before loading anything
+    load = load_sft if cfg.loss_type == "sft" else load_preferences
+    records = load(args.data, online=args.online)
     model, tok = _load_for_training(args)
-    res = train(model, tok, records, cfg, args.out, resume=args.resume)
+    res = train(model, tok, records, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({k: res[k] for k in ("steps", "metrics", "plot", "final")}, indent=1))
     return 0
 
@@ -91,28 +136,36 @@ def _cmd_sgpo(args):
     from .data.records import load_sft
     from .model.generation import GenConfig
     from .sgpo import SGPOConfig, run_sgpo
+    from .trainer import RunFolderError
+    from .trainer.files import write_folder
 
     pref = _train_config(args, base=TrainConfig(loss_type="sgdpo", save_final=False))
     imp = _train_config(args, "improver_", TrainConfig(loss_type="sft", lr=1e-5, save_final=False))
     if imp.loss_type != "sft":
-        raise SystemExit("--improver-loss-type must be sft")
+        raise ConfigError(f"--improver-loss-type must be sft, got {imp.loss_type!r}")
     # machinery flags apply to both training stages
     imp = imp.replace(gradient_checkpointing=pref.gradient_checkpointing, bf16=pref.bf16,
                       progress=pref.progress)
-    cfg = SGPOConfig(iterations=args.iterations, n_improver_prompts=args.improver_prompts,
-                     n_pref_prompts=args.pref_prompts, policy_mix=args.policy_mix,
-                     tukey_k=args.tukey_k, max_similarity=args.max_similarity, seed=pref.seed,
-                     gen=GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   batch_size=args.gen_batch_size, seed=pref.seed,
-                                   progress=pref.progress),
-                     drop_truncated=not args.keep_truncated,
-                     improver_train=imp, pref_train=pref)
-    records = load_sft(args.data)
+    try:
+        cfg = SGPOConfig(iterations=args.iterations, n_improver_prompts=args.improver_prompts,
+                         n_pref_prompts=args.pref_prompts, policy_mix=args.policy_mix,
+                         tukey_k=args.tukey_k, max_similarity=args.max_similarity, seed=pref.seed,
+                         gen=GenConfig(max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, batch_size=args.gen_batch_size,
+                                       seed=pref.seed, progress=pref.progress).validate(),
+                         drop_truncated=not args.keep_truncated,
+                         improver_train=imp, pref_train=pref).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not args.resume and os.path.isdir(args.out) and \
+            any(n.startswith("iter-") for n in os.listdir(args.out)):
+        raise RunFolderError(f"{args.out} holds an earlier SGPO run: continue it with --resume "
+                             f"or choose another --out")
+    records = load_sft(args.data, online=args.online)
     model, tok = _load_for_training(args)
     summaries = run_sgpo(model, tok, records, cfg, args.out, resume=args.resume)
     final = os.path.join(args.out, "final")
-    model.save_pretrained(final)
-    tok.save_pretrained(final)
+    write_folder(final, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
     for s in summaries:
         print(f"iteration {s['iteration']}: {s['kept']}/{s['candidates']} pairs kept "
               f"{s['decisions']}")
@@ -126,28 +179,32 @@ def _cmd_eval(args):
     from .model.generation import GenConfig
     from .model.loading import load_model
 
-    records = load_sft(args.data)
-    if args.limit:
+    gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size).validate()
+    records = load_sft(args.data, online=args.online)
+    if args.limit is not None:
         records = records[:args.limit]
     model, tok = load_model(args.model, device=_device(args))
-    res = evaluate(model, tok, records, GenConfig(max_new_tokens=args.max_new_tokens,
-                                                  batch_size=args.batch_size),
-                   answers_path=args.answers)
+    res = evaluate(model, tok, records, gen, answers_path=args.answers)
     print(format_table(res))
     return 0
 
 
+_POS_INT = Rule("int", lo=1)
+
+
 def _parser():
-    ap = argparse.ArgumentParser(prog="sgdpo-fast", description="fused preference optimization "
-                                 "(DPO family, SGDPO, SGPO) without the [tokens x vocab] logits")
+    ap = _Parser(prog="sgdpo-fast", description="fused preference optimization "
+                 "(DPO family, SGDPO, SGPO) without the [tokens x vocab] logits")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="DPO-family / SGDPO (or --loss-type sft) training")
     _add_model(t)
     t.add_argument("--data", required=True, help="JSONL (prompt/chosen/rejected; prompt/response "
-                   "for sft), bundled:train, or hf:<dataset>[:split]")
+                   "for sft), bundled:train, or hf:<dataset>[:split] (a Hub name needs --online)")
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "newest intact checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run that is in --out")
     _add_train_flags(t)
 
     s = sub.add_parser("sgpo", help="the SGPO self-improving loop from SFT data")
@@ -155,17 +212,19 @@ def _parser():
     s.add_argument("--data", default="bundled:train", help="SFT JSONL (prompt/response)")
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true")
-    s.add_argument("--iterations", type=int, default=1)
-    s.add_argument("--improver-prompts", type=int, default=None, help="default: all")
-    s.add_argument("--pref-prompts", type=int, default=None, help="default: all")
-    s.add_argument("--policy-mix", type=float, default=1.0)
-    s.add_argument("--tukey-k", type=float, default=1.5)
-    s.add_argument("--max-similarity", type=float, default=0.9)
+    s.add_argument("--iterations", type=_typed(_POS_INT), default=1)
+    s.add_argument("--improver-prompts", type=_typed(Rule("int", lo=1, none=True)), default=None,
+                   help="default: all")
+    s.add_argument("--pref-prompts", type=_typed(Rule("int", lo=1, none=True)), default=None,
+                   help="default: all")
+    s.add_argument("--policy-mix", type=_typed(Rule("float", lo=0)), default=1.0)
+    s.add_argument("--tukey-k", type=_typed(Rule("float", lo=0)), default=1.5)
+    s.add_argument("--max-similarity", type=_typed(Rule("float", lo=0, hi=1)), default=0.9)
     s.add_argument("--keep-truncated", action="store_true",
                    help="keep pairs whose answers hit --max-new-tokens (dropped by default)")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--gen-batch-size", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=_typed(_POS_INT), default=64)
+    s.add_argument("--temperature", type=_typed(Rule("float", lo=0)), default=0.0)
+    s.add_argument("--gen-batch-size", type=_typed(_POS_INT), default=16)
     _add_train_flags(s)
     _add_train_flags(s, "improver-")
 
@@ -173,25 +232,48 @@ def _parser():
     _add_model(e)
     e.add_argument("--data", default="bundled:heldout")
     e.add_argument("--answers", default=None, help="write every answer to this JSONL")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=_typed(Rule("int", lo=1, none=True)), default=None,
+                   help="score only the first N records")
+    e.add_argument("--max-new-tokens", type=_typed(_POS_INT), default=32)
+    e.add_argument("--batch-size", type=_typed(_POS_INT), default=16)
     return ap
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
+    if not args.online:
+        # before anything imports huggingface_hub: it reads the switch once, at import
+        from .model.loading import go_offline
+        go_offline(force=True)
+    if getattr(args, "progress", _UNSET) is False:  # --no-progress: Hugging Face's bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:  # imported already (in-process use): too late for
+            sys.modules["transformers"].utils.logging.disable_progress_bar()  # the variable
     from .data.records import DataError
+    from .model.loading import ModelFolderError
+    from .trainer import NonFiniteError, RunFolderError, RunWriteError  # noqa: F401
 
     def _term(signum, frame):  # `kill` / a scheduler's SIGTERM: save like Ctrl-C does
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, _term)
+    where = f"sgdpo-fast {args.command}"
     try:
         return {"train": _cmd_train, "sgpo": _cmd_sgpo, "eval": _cmd_eval}[args.command](args)
-    except DataError as e:
-        print(f"sgdpo-fast {args.command}: {e}", file=sys.stderr)
+    except (DataError, ConfigError, ModelFolderError, RunFolderError) as e:
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (NonFiniteError, RunWriteError, OSError) as e:  # OSError: the machine, not a bug
+        print(f"{where}: failed: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

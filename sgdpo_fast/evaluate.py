@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .data.records import write_jsonl
+from .data.records import DataError, write_jsonl
 from .data.tasks import accuracy, check
 from .model.generation import GenConfig, generate
 from .model.chat import chat_prompt
@@ -18,7 +18,7 @@ def evaluate(model, tokenizer, records: Sequence[dict], gen: Optional[GenConfig]
     """``{"overall", "by_family", "n"}`` (+ ``"answers"``) for task ``records``."""
     for n, r in enumerate(records):
         if "family" not in r or "check" not in r:
-            raise ValueError(f"record {n} ({r.get('id', '?')}) has no checker: eval needs task "
+            raise DataError(f"record {n} ({r.get('id', '?')}) has no checker: eval needs task "
                              f"records (bundled:heldout, or files written by sgdpo_fast.data.tasks)")
     gen = gen or GenConfig(max_new_tokens=32)
     answers = generate(model, tokenizer, [chat_prompt(tokenizer, r["prompt"], system)

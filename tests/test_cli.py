@@ -105,3 +105,228 @@ def test_cli_help_lists_the_commands(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(c in out for c in ("train", "sgpo", "eval"))
+
+
+# --------------------------------------------------------------------------- reliability (issue 11)
+
+def _one_line(capsys) -> str:
+    """The CLI's report of a user error: exactly one line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _snapshot(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+BAD_FLAGS = [
+    ("train", ["--lr", "inf"], "--lr"), ("train", ["--lr", "nan"], "--lr"),
+    ("train", ["--lr", "0"], "--lr"), ("train", ["--lr", "-1e-3"], "--lr"),
+    ("train", ["--lr", "abc"], "--lr"),
+    ("train", ["--max-grad-norm", "-1"], "--max-grad-norm"),
+    ("train", ["--max-grad-norm", "0"], "--max-grad-norm"),
+    ("train", ["--max-grad-norm", "nan"], "--max-grad-norm"),
+    ("train", ["--beta", "-1"], "--beta"), ("train", ["--beta", "inf"], "--beta"),
+    ("train", ["--pilot-ratio-chosen", "1.5"], "--pilot-ratio-chosen"),
+    ("train", ["--pilot-ratio-rejected", "0"], "--pilot-ratio-rejected"),
+    ("train", ["--warmup-ratio", "1"], "--warmup-ratio"),
+    ("train", ["--label-smoothing", "0.7"], "--label-smoothing"),
+    ("train", ["--loss-type", "ipo", "--label-smoothing", "0.1"], "label_smoothing"),
+    ("train", ["--weight-decay", "-0.1"], "--weight-decay"),
+    ("train", ["--nll-alpha", "nan"], "--nll-alpha"), ("train", ["--simpo-gamma", "inf"], "--simpo-gamma"),
+    ("train", ["--batch-size", "0"], "--batch-size"), ("train", ["--epochs", "-1"], "--epochs"),
+    ("train", ["--max-steps", "0"], "--max-steps"), ("train", ["--grad-accum", "0"], "--grad-accum"),
+    ("train", ["--max-length", "1"], "--max-length"), ("train", ["--max-prompt-length", "0"], "--max-prompt-length"),
+    ("train", ["--seed", "-1"], "--seed"), ("train", ["--save-every", "-2"], "--save-every"),
+    ("train", ["--keep-checkpoints", "-1"], "--keep-checkpoints"),
+    ("train", ["--loss-type", "dpo2"], "--loss-type"), ("train", ["--reference", "x"], "--reference"),
+    ("train", ["--backend", "gpu"], "--backend"), ("train", ["--pilot-mode", "x"], "--pilot-mode"),
+    ("train", ["--nope"], "--nope"),
+    ("eval", ["--limit", "-1"], "--limit"), ("eval", ["--limit", "0"], "--limit"),
+    ("eval", ["--max-new-tokens", "0"], "--max-new-tokens"), ("eval", ["--batch-size", "0"], "--batch-size"),
+    ("sgpo", ["--temperature", "-1"], "--temperature"), ("sgpo", ["--temperature", "nan"], "--temperature"),
+    ("sgpo", ["--max-similarity", "1.5"], "--max-similarity"), ("sgpo", ["--policy-mix", "-1"], "--policy-mix"),
+    ("sgpo", ["--tukey-k", "nan"], "--tukey-k"), ("sgpo", ["--iterations", "0"], "--iterations"),
+    ("sgpo", ["--improver-prompts", "0"], "--improver-prompts"), ("sgpo", ["--gen-batch-size", "0"], "--gen-batch-size"),
+    ("sgpo", ["--improver-lr", "inf"], "--improver-lr"),
+    ("sgpo", ["--improver-loss-type", "sigmoid"], "--improver-loss-type"),
+]
+
+
+@pytest.mark.parametrize("cmd,bad,flag", BAD_FLAGS, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_a_bad_flag_is_one_line_with_exit_2_before_anything_happens(model_dir, tmp_path, capsys,
+                                                                     cmd, bad, flag):
+    """Items 2, 3, 9, 11: every numeric flag is checked when parsed (lr finite > 0, clipping
+    finite > 0, ratios in range, counts >= 1); the report is one line, exit code 2, and the
+    run folder is not even created."""
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    out = tmp_path / "o"
+    args = [cmd, "--model", model_dir] + (["--data", p, "--out", str(out)] if cmd == "train" else
+                                          ["--out", str(out)] if cmd == "sgpo" else [])
+    assert cli.main(args + bad) == 2
+    line = _one_line(capsys)
+    assert flag in line, line
+    assert not out.exists()
+
+
+def _train_args(model_dir, data, out, *extra):
+    return ["train", "--model", model_dir, "--data", data, "--out", out, "--max-steps", "2",
+            "--lr", "1e-3", "--save-every", "1", "--no-progress", "--loss-type", "sigmoid", *extra]
+
+
+def test_a_typo_never_deletes_a_run(model_dir, tmp_path, capsys):
+    """Item 4: a finished run folder is refused without --resume or --overwrite, and a bad
+    flag next to --overwrite is refused before anything is deleted."""
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    out = str(tmp_path / "run")
+    assert cli.main(_train_args(model_dir, p, out)) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert cli.main(_train_args(model_dir, p, out, "--beta", "-1")) == 2
+    assert "--beta" in _one_line(capsys)
+    assert cli.main(_train_args(model_dir, p, out, "--beta", "-1", "--overwrite")) == 2
+    _one_line(capsys)
+    assert cli.main(_train_args(model_dir, p, out)) == 2
+    line = _one_line(capsys)
+    assert "--resume" in line and "--overwrite" in line and out in line
+    assert cli.main(_train_args(model_dir, p, out, "--resume", "--overwrite")) == 2
+    _one_line(capsys)
+    assert _snapshot(out) == before
+    assert cli.main(_train_args(model_dir, p, out, "--overwrite", "--beta", "0.5")) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["beta"] == 0.5
+
+
+def test_resume_with_other_data_is_a_clear_error(model_dir, tmp_path, capsys):
+    p, q = str(tmp_path / "prefs.jsonl"), str(tmp_path / "other.jsonl")
+    write_jsonl(p, PAIRS)
+    write_jsonl(q, PAIRS[:3])
+    out = str(tmp_path / "run")
+    assert cli.main(_train_args(model_dir, p, out)) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert cli.main(_train_args(model_dir, q, out, "--resume")) == 2
+    assert "data" in _one_line(capsys)
+    assert cli.main(_train_args(model_dir, p, out, "--resume", "--lr", "2e-3")) == 2
+    assert "lr" in _one_line(capsys)
+    assert _snapshot(out) == before
+
+
+def test_non_finite_weights_exit_non_zero_naming_the_step(model_dir, tmp_path, capsys):
+    """Item 2: --lr 1e39 is finite but overflows the first update: exit 1, one line naming the
+    step, and no checkpoint and no final/ holding the broken weights."""
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    out = str(tmp_path / "run")
+    assert cli.main(_train_args(model_dir, p, out, "--lr", "1e39")) == 1
+    assert "step 1" in _one_line(capsys)
+    assert not os.path.exists(os.path.join(out, "final"))
+    ck = os.path.join(out, "checkpoints")
+    assert not os.path.isdir(ck) or not [d for d in os.listdir(ck) if d.startswith("step-")]
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "no-tokenizer"])
+def test_a_bad_model_folder_is_one_line(model_dir, tmp_path, capsys, what):
+    """Item 11: a missing model folder, an empty one, one without tokenizer files."""
+    import shutil
+    d = tmp_path / "m"
+    if what == "empty":
+        d.mkdir()
+    elif what == "no-tokenizer":
+        shutil.copytree(model_dir, d)
+        for f in os.listdir(d):
+            if "token" in f or f in ("vocab.json", "merges.txt", "chat_template.jinja"):
+                os.remove(d / f)
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    assert cli.main(["train", "--model", str(d), "--data", p, "--out", str(tmp_path / "o")]) == 2
+    line = _one_line(capsys)
+    want = {"missing": f"no model folder at {d} (nothing is downloaded)",
+            "empty": "config.json", "no-tokenizer": "tokenizer"}[what]
+    assert want in line and str(d) in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_lone_surrogate_is_one_line_naming_file_and_line(model_dir, tmp_path, capsys):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "a\\ud800b", "chosen": "x", "rejected": "y"}\n')
+    assert cli.main(["train", "--model", model_dir, "--data", str(p), "--out", str(tmp_path / "o")]) == 2
+    line = _one_line(capsys)
+    assert f"{p}:2" in line and "surrogate" in line, line
+
+
+def _limited(limit):
+    """preexec_fn of a child whose files may not grow past ``limit`` bytes: a write beyond it
+    fails with EFBIG, as one on a full disk fails with ENOSPC (SIGXFSZ ignored)."""
+    def f():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return f
+
+
+def test_a_failed_write_is_one_line_exit_1(model_dir, tmp_path):
+    """Item 11: a write that fails (the file-size limit here, a full disk in real life) is one
+    line naming the file, exit 1, no traceback."""
+    import subprocess
+    import sys
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "sgdpo_fast.cli", *_train_args(model_dir, p, out)],
+                       capture_output=True, text=True, timeout=300, preexec_fn=_limited(20_000))
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write" in lines[0] and "step-000001" in lines[0], lines[0]
+    assert "File too large" in lines[0], lines[0]
+    ck = os.path.join(out, "checkpoints")
+    assert not [d for d in os.listdir(ck) if d.startswith("step-")]  # no half checkpoint
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path):
+    """The limit is set after step 2's checkpoint (by a callback): writing step 4's fails,
+    names the file, and leaves step 2's checkpoint whole and nothing of step 4's."""
+    import subprocess
+    import sys
+    script = f"""
+import os, resource, signal, sys
+from tiny_lm import tiny_model, tiny_tokenizer
+from sgdpo_fast.trainer import TrainConfig, RunWriteError, train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def limit(step, metrics):
+    if step == 2:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+cfg = TrainConfig(loss_type="sigmoid", lr=1e-3, max_steps=4, save_every=2, progress=False,
+                  save_final=False)
+try:
+    train(tiny_model(3), tiny_tokenizer(), {PAIRS!r}, cfg, {str(tmp_path / "run")!r},
+          callbacks=[limit])
+except RunWriteError as e:
+    print("ERROR", e)
+    sys.exit(0)
+sys.exit(5)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    msg = r.stdout.split("ERROR", 1)[1]
+    assert "step-000004" in msg and "File too large" in msg, msg
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["step-000002"]
+    from sgdpo_fast.trainer.checkpoint import read_checkpoint
+    assert read_checkpoint(str(ck / "step-000002"))["step"] == 2
+
+
+def test_eval_limit_takes_exactly_that_many(model_dir, tmp_path, capsys):
+    assert cli.main(["eval", "--model", model_dir, "--limit", "1", "--max-new-tokens", "2"]) == 0
+    assert "(n=1)" in capsys.readouterr().out

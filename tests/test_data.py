@@ -141,6 +141,27 @@ def test_write_is_atomic_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["out.jsonl"]
 
 
+def test_deeply_nested_json_is_a_data_error(tmp_path):
+    """Item 11: JSON nested 100k deep is a DataError naming file and line, not RecursionError."""
+    deep = '{"prompt": "p", "chosen": "a", "rejected": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = _write_lines(tmp_path / "deep.jsonl", [json.dumps(GOOD_PAIR), deep])
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: .*nested too deeply"):
+        load_preferences(path)
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: "):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize("key", ["prompt", "chosen", "rejected"])
+def test_a_lone_surrogate_names_file_line_and_key(tmp_path, key):
+    """Item 11: "\\ud800" is valid JSON but not text a tokenizer can take."""
+    rec = json.dumps(GOOD_PAIR).replace(f'"{GOOD_PAIR[key]}"', '"ok \\ud800 then"')
+    path = _write_lines(tmp_path / "s.jsonl", [json.dumps(GOOD_PAIR), rec])
+    with pytest.raises(DataError) as err:
+        load_preferences(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:2: ") and f"'{key}'" in msg and "surrogate" in msg, msg
+
+
 def test_read_jsonl_bad_json_line(tmp_path):
     path = _write_lines(tmp_path / "r.jsonl", ['{"a": 1}', "", "{oops}"])
     with pytest.raises(DataError, match=r"r\.jsonl:3: invalid JSON"):
@@ -154,7 +175,21 @@ def test_read_jsonl_bad_json_line(tmp_path):
 def test_hf_without_datasets_says_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(DataError, match="pip install datasets"):
-        load_preferences("hf:some/dataset")
+        load_preferences("hf:some/dataset", online=True)
+
+
+def test_hf_hub_names_need_an_explicit_opt_in(monkeypatch):
+    """Item 7: offline by default; a Hub name (not a local folder) is refused at once, naming
+    the opt-in, and `datasets` is not even asked."""
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or [GOOD_PAIR]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match="--online") as err:
+        load_preferences("hf:org/prefs")
+    assert str(err.value).startswith("hf:org/prefs[train]: ")
+    assert calls == []
+    assert load_preferences("hf:org/prefs", online=True) == [GOOD_PAIR]
 
 
 def test_hf_rows_are_validated_with_row_index(monkeypatch):
@@ -164,15 +199,15 @@ def test_hf_rows_are_validated_with_row_index(monkeypatch):
     fake.load_dataset = lambda name, split: calls.append((name, split)) or rows
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with pytest.raises(DataError) as err:
-        load_preferences("hf:org/prefs:test")
+        load_preferences("hf:org/prefs:test", online=True)
     assert str(err.value).startswith("hf:org/prefs[test] row 2: key 'rejected' must be a string")
     assert calls == [("org/prefs", "test")]
     rows.pop()  # drop the bad row
-    assert load_preferences("hf:org/prefs2") == [GOOD_PAIR, GOOD_PAIR]
+    assert load_preferences("hf:org/prefs2", online=True) == [GOOD_PAIR, GOOD_PAIR]
     assert calls[-1] == ("org/prefs2", "train")  # the split defaults to train
     rows.clear()
     with pytest.raises(DataError, match=r"hf:org/x\[train\]: no records"):
-        load_sft("hf:org/x")
+        load_sft("hf:org/x", online=True)
 
 
 def test_hf_local_saved_dataset(tmp_path):

@@ -239,3 +239,13 @@ def test_explicit_device_backend_mismatch():
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 4])
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
         sf.fused_token_logprobs(h, w, t, backend="cuda")
+
+
+@pytest.mark.parametrize("bad,match", [(1.5, "ignore_index must be an int"), (True, "ignore_index"),
+                                       (2**70, "int64"), (-2**70, "int64")])
+def test_ignore_index_must_be_an_int64(bad, match):
+    """Issue 11, items 9 and 11: ``ignore_index=1.5`` was checked as 1.5 but applied as 1, and
+    2**70 raised OverflowError; both are now a ValueError naming ignore_index."""
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 9])
+    with pytest.raises(ValueError, match=match):
+        sf.fused_token_logprobs(h, w, t, ignore_index=bad)

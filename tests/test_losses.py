@@ -788,3 +788,17 @@ def test_kernel_matches_torch_path_cuda_large(loss_type):
         s_k, g_k, _ = pairwise.pairwise_triton(policy, r, mask, pil, cfg)
         torch.testing.assert_close(s_k, s_t, rtol=2e-5, atol=1e-5)
         torch.testing.assert_close(g_k, g_t, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), -1.0, 2.0])
+@pytest.mark.parametrize("which", ["mask", "pilot_masks"])
+def test_masks_must_be_bool_or_0_1(bad, which):
+    """Issue 11, item 9: a float mask holding 0.5, NaN, -1 or 2 was taken as True; it is a
+    ValueError naming the mask (the docs say bool or 0/1)."""
+    P, R, M = make_batch(2, 6, seed=72, poison=False)
+    M[:] = True
+    m = M.to(P.dtype)
+    m[1, 2] = bad
+    kw = dict(pilot_masks=m) if which == "pilot_masks" else {}
+    with pytest.raises(ValueError, match=f"{which} must be bool or hold only 0 and 1"):
+        sf.preference_loss(P, R, M if which == "pilot_masks" else m, **kw)

@@ -154,11 +154,14 @@ def test_fresh_run_in_an_old_folder_keeps_nothing_of_it(tok, tmp_path):
     cfg = _cfg(loss_type="sigmoid", max_steps=3, save_every=1, keep_checkpoints=5)
     train(tiny_model(10), tok, PAIRS, cfg, run)
     other = tiny_model(11)  # another model, same data: its own reference, its own checkpoints
-    train(other, tok, PAIRS, cfg.replace(max_steps=2), run)
+    train(other, tok, PAIRS, cfg.replace(max_steps=2), run, overwrite=True)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step-000001", "step-000002"]
     obj = make_objective(PAIRS, tok, cfg)
     obj.prepare(tiny_model(11), str(tmp_path))
-    stored = torch.load(os.path.join(run, "reference_logps.pt"))["logps"]
+    from safetensors.torch import load_file
+    stored = load_file(os.path.join(run, "reference_logps.safetensors"))
+    stored = torch.split(stored["logps"], stored["lengths"].tolist())
+    assert len(stored) == len(obj.ref_logps) == 2 * len(PAIRS)
     for a, b in zip(stored, obj.ref_logps):
         torch.testing.assert_close(a, b)
 
@@ -242,3 +245,391 @@ def test_gradient_checkpointing_gives_the_same_step(tok, tmp_path):
     assert flag if flag is not None else b.is_gradient_checkpointing
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --------------------------------------------------------------------------- reliability (issue 11)
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes: what a refused call must leave untouched."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+def _stop_at(n):
+    def cb(step, metrics):
+        if step == n:
+            raise Killed()
+    return cb
+
+
+def test_a_finished_run_is_never_cleared_without_overwrite(tok, tmp_path):
+    """Item 4: rerunning in a finished run folder without resume, or with a bad setting,
+    touches nothing; overwrite=True starts afresh (after validating everything)."""
+    run = str(tmp_path / "run")
+    cfg = _cfg(loss_type="sigmoid", max_steps=2, save_every=1)
+    train(tiny_model(10), tok, PAIRS, cfg, run)
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="resume.*overwrite"):
+        train(tiny_model(10), tok, PAIRS, cfg, run)
+    for bad in (dict(beta=-1.0), dict(pilot_ratio_chosen=1.5), dict(max_grad_norm=-1.0),
+                dict(label_smoothing=0.7)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            train(tiny_model(10), tok, PAIRS, cfg.replace(**bad), run, overwrite=True)
+    with pytest.raises(ValueError, match="resume.*overwrite"):
+        train(tiny_model(10), tok, PAIRS, cfg, run, resume=True, overwrite=True)
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("dtype,lr", [(torch.float16, 1e5), (torch.float32, 1e39)])
+def test_a_step_that_makes_the_weights_non_finite_stops_before_anything_is_saved(tok, tmp_path,
+                                                                                 dtype, lr):
+    """Item 2: loss and gradients are finite, but the first update overflows (fp16 weights and
+    lr 1e5: the parameters become inf; fp32 and lr 1e39: torch refuses the step size): the run
+    stops at step 1 naming it, with no checkpoint, no metrics row and no final model."""
+    from sgdpo_fast.trainer import NonFiniteError
+    run = str(tmp_path / "run")
+    cfg = _cfg(loss_type="sigmoid", max_steps=3, save_every=1, lr=lr, save_final=True)
+    with pytest.raises(NonFiniteError, match="step 1"):
+        train(tiny_model(12).to(dtype), tok, PAIRS, cfg, run)
+    ck = os.path.join(run, "checkpoints")
+    assert not os.path.isdir(ck) or not [d for d in os.listdir(ck) if d.startswith("step-")]
+    assert not os.path.exists(os.path.join(run, "final"))
+    assert not os.path.isfile(os.path.join(run, "metrics.jsonl")) or \
+        open(os.path.join(run, "metrics.jsonl")).read() == ""
+
+
+def test_non_finite_loss_later_keeps_the_last_good_checkpoint(tok, tmp_path):
+    """A NaN that appears at step 3 stops the run there; step 2's checkpoint stays and a
+    resume from it would continue (nothing non-finite is ever written)."""
+    from sgdpo_fast.trainer import NonFiniteError
+    model = tiny_model(13)
+    run = str(tmp_path / "run")
+
+    def poison(step, metrics):
+        if step == 2:
+            with torch.no_grad():
+                model.model.norm.weight[0] = float("nan")
+
+    cfg = _cfg(loss_type="sigmoid", max_steps=4, save_every=1, keep_checkpoints=5, save_final=True)
+    with pytest.raises(NonFiniteError, match="step 3") as e:
+        train(model, tok, PAIRS, cfg, run, callbacks=[poison])
+    assert "step-000002" in str(e.value)  # names the last good checkpoint
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step-000001", "step-000002"]
+    assert not os.path.exists(os.path.join(run, "final"))
+    from sgdpo_fast.trainer.checkpoint import read_checkpoint
+    st = read_checkpoint(os.path.join(run, "checkpoints", "step-000002"))
+    assert all(torch.isfinite(v).all() for v in st["model"].values())
+
+
+def test_max_grad_norm_none_disables_clipping(tok, tmp_path):
+    """Item 3: clipping is off with max_grad_norm=None (never with 0 or a negative number)."""
+    a, b = tiny_model(14), tiny_model(14)
+    cfg = _cfg(loss_type="sigmoid", max_steps=2)
+    train(a, tok, PAIRS, cfg.replace(max_grad_norm=None), str(tmp_path / "a"))
+    train(b, tok, PAIRS, cfg.replace(max_grad_norm=1e30), str(tmp_path / "b"))
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                      tiny_model(14).state_dict().values()))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lr=float("inf")), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=-1e-3), "lr"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm"), (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm"), (dict(beta=-1.0), "beta"),
+    (dict(beta=float("inf")), "beta"), (dict(pilot_ratio_chosen=0.0), "pilot_ratio_chosen"),
+    (dict(pilot_ratio_rejected=1.5), "pilot_ratio_rejected"), (dict(pilot_mode="x"), "pilot_mode"),
+    (dict(label_smoothing=0.7), "label_smoothing"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(adam_betas=(0.9, 1.0)), "adam_betas"), (dict(nll_alpha=float("nan")), "nll_alpha"),
+    (dict(simpo_gamma=float("inf")), "simpo_gamma"), (dict(max_length=1), "max_length"),
+    (dict(seed=-1), "seed"), (dict(keep_checkpoints=-1), "keep_checkpoints"),
+    (dict(backend="gpu"), "backend"), (dict(epochs=1.5), "epochs"), (dict(warmup_ratio=-0.1), "warmup_ratio"),
+])
+def test_every_numeric_setting_is_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw).validate()
+
+
+def _killed_run(tok, tmp_path, cfg, at, seed=3):
+    run = str(tmp_path / "killed")
+    with pytest.raises(Killed):
+        train(tiny_model(seed, dropout=0.2), tok, PAIRS, cfg, run, callbacks=[_stop_at(at)])
+    return run
+
+
+RESUME_CFG = dict(loss_type="sgdpo", max_steps=5, batch_size=1, grad_accum=2, save_every=1,
+                  keep_checkpoints=3, warmup_ratio=0.3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tok, tmp_path_factory):
+    """The weights after an uninterrupted RESUME_CFG run (computed once for the module)."""
+    full = tiny_model(3, dropout=0.2)
+    train(full, tok, PAIRS, _cfg(**RESUME_CFG), str(tmp_path_factory.mktemp("full")))
+    return _params(full)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tok, tmp_path, capsys, damage,
+                                                           uninterrupted):
+    """Item 6: the newest checkpoint is damaged (cut short, a flipped byte, emptied): resume
+    names the bad file, continues from the one before, and still ends bit-exact."""
+    cfg = _cfg(**RESUME_CFG)
+    want = uninterrupted
+    run = _killed_run(tok, tmp_path, cfg, at=4)
+    newest = os.path.join(run, "checkpoints", "step-000004")
+    files = [os.path.join(newest, f) for f in os.listdir(newest)]
+    bad = max(files, key=os.path.getsize)
+    size = os.path.getsize(bad)
+    with open(bad, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(size // 2)
+        elif damage == "empty":
+            f.truncate(0)
+        else:
+            f.seek(size - 3)
+            byte = f.read(1)
+            f.seek(size - 3)
+            f.write(bytes([byte[0] ^ 0x40]))
+    capsys.readouterr()
+    resumed = tiny_model(3, dropout=0.2)
+    res = train(resumed, tok, PAIRS, cfg, run, resume=True)
+    err = capsys.readouterr().err
+    assert bad in err and "step-000003" in err, err
+    assert res["steps"] == 5
+    got = _params(resumed)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_damaged_reference_file_is_recomputed(tok, tmp_path, capsys, uninterrupted):
+    cfg = _cfg(**RESUME_CFG)
+    want = uninterrupted
+    run = _killed_run(tok, tmp_path, cfg, at=2)
+    (ref,) = [os.path.join(run, f) for f in os.listdir(run) if f.startswith("reference_logps")]
+    with open(ref, "r+b") as f:
+        f.truncate(os.path.getsize(ref) // 2)
+    capsys.readouterr()
+    resumed = tiny_model(3, dropout=0.2)
+    train(resumed, tok, PAIRS, cfg, run, resume=True)
+    err = capsys.readouterr().err
+    assert ref in err and "recomput" in err, err
+    got = _params(resumed)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_resume_with_other_data_model_or_config_is_an_error(tok, tmp_path):
+    """Item 9: the run's fingerprints (tokenized data, base model, settings) must match."""
+    cfg = _cfg(**RESUME_CFG)
+    run = _killed_run(tok, tmp_path, cfg, at=2)
+    before = _snapshot(run)
+    other = [dict(p) for p in PAIRS]
+    other[0]["chosen"] = "yes indeed"
+    with pytest.raises(ValueError, match="data"):
+        train(tiny_model(3, dropout=0.2), tok, other, cfg, run, resume=True)
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny_model(3, dropout=0.2), tok, PAIRS, cfg.replace(lr=1e-2), run, resume=True)
+    with pytest.raises(ValueError, match="model"):
+        train(tiny_model(4, dropout=0.2), tok, PAIRS, cfg, run, resume=True)
+    assert _snapshot(run) == before
+    # how the run is shown or kept may change
+    res = train(tiny_model(3, dropout=0.2), tok, PAIRS, cfg.replace(save_every=2, keep_checkpoints=1),
+                run, resume=True)
+    assert res["steps"] == 5
+
+
+def test_a_checkpoint_cannot_run_code(tok, tmp_path, capsys):
+    """Item 1: a crafted pickle where a checkpoint is looked for is never unpickled."""
+    cfg = _cfg(**RESUME_CFG)
+    run = _killed_run(tok, tmp_path, cfg, at=2)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = os.path.join(run, "checkpoints", "step-000099")
+    os.makedirs(evil)
+    import pickle
+    for name in ("state.pt", "state.json", "state.safetensors"):
+        with open(os.path.join(evil, name), "wb") as f:
+            pickle.dump({"model": Payload()}, f)
+    torch.save({"model": Payload(), "step": 99}, os.path.join(evil, "state.pt"))
+    capsys.readouterr()
+    res = train(tiny_model(3, dropout=0.2), tok, PAIRS, cfg, run, resume=True)
+    assert not marker.exists()
+    assert "step-000099" in capsys.readouterr().err
+    assert res["steps"] == 5
+
+
+def test_checkpoints_are_pickle_free(tok, tmp_path):
+    """A checkpoint is JSON + safetensors: readable by those parsers alone, no pickle inside."""
+    import json as _json
+    from safetensors import safe_open
+    cfg = _cfg(**RESUME_CFG)
+    run = _killed_run(tok, tmp_path, cfg, at=2)
+    d = os.path.join(run, "checkpoints", "step-000002")
+    assert sorted(os.listdir(d)) == ["state.json", "state.safetensors"]
+    meta = _json.load(open(os.path.join(d, "state.json")))
+    assert meta["step"] == 2
+    with safe_open(os.path.join(d, "state.safetensors"), "pt") as f:
+        assert any(k.startswith("model/") for k in f.keys())
+    for f in os.listdir(run):
+        if os.path.isfile(os.path.join(run, f)):
+            with open(os.path.join(run, f), "rb") as fh:
+                assert not fh.read(2).startswith(b"\x80"), f  # no pickle protocol header
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for top in ("sgdpo_fast", "bench"):
+        for dirpath, _, names in os.walk(os.path.join(root, top)):
+            for n in names:
+                if n.endswith(".py"):
+                    src = open(os.path.join(dirpath, n)).read()
+                    assert "weights_only=False" not in src, n
+                    assert "import pickle" not in src, n
+
+
+def test_final_is_written_to_a_temporary_folder_and_renamed(tok, tmp_path):
+    """Item 6: a kill while final/ is written leaves no half-written final/ (a fresh run), and
+    leaves the previous final/ whole (a finished run resumed)."""
+    run = str(tmp_path / "run")
+
+    def model(dying):
+        m = tiny_model(15)  # the base model, as a new process would load it
+        real = m.save_pretrained
+
+        def dying_save(d, **kw):
+            real(d, **kw)
+            with open(os.path.join(d, "model.safetensors"), "r+b") as f:
+                f.truncate(100)
+            raise KeyboardInterrupt  # killed in the middle of writing
+
+        if dying:
+            m.save_pretrained = dying_save
+        return m
+
+    cfg = _cfg(loss_type="sigmoid", max_steps=1, save_final=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(model(True), tok, PAIRS, cfg, run)
+    assert not os.path.exists(os.path.join(run, "final"))
+    train(model(False), tok, PAIRS, cfg, run, resume=True)
+    good = _snapshot(os.path.join(run, "final"))
+    assert "model.safetensors" in good
+    with pytest.raises(KeyboardInterrupt):
+        train(model(True), tok, PAIRS, cfg, run, resume=True)
+    assert _snapshot(os.path.join(run, "final")) == good
+
+
+def test_max_length_holds_when_the_prompt_alone_is_longer(tok):
+    """Item 8: the sequence fits max_length whatever the prompt; at least one answer token."""
+    for max_length, max_prompt in ((16, 256), (16, 8), (2, 256), (40, 39)):
+        e = encode(tok, "x" * 100, "answer", max_length=max_length, max_prompt_length=max_prompt)
+        assert len(e.input_ids) <= max_length and e.n_answer >= 1, (max_length, max_prompt)
+        assert len(e.input_ids) == len(e.labels)
+    e = encode(tok, "hi", "answer", max_length=512)
+    assert e.n_answer == len("answer") + 1 and len(e.input_ids) < 40  # short: untouched
+
+
+class _CountingTokenizer:
+    """The tiny tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self._tok, self.longest = tok, 0
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_a_huge_prompt_is_not_tokenized_whole(tok):
+    """Item 8: only a tail of a 2 MB prompt (and a head of a 2 MB answer) is tokenized, and
+    the tokens kept are those of the whole text."""
+    counting = _CountingTokenizer(tok)
+    prompt = "".join(f"word{i} " for i in range(300_000))[:2_000_000]
+    answer = "reply " * 400_000
+    e = encode(counting, prompt, answer, max_length=64, max_prompt_length=32)
+    assert counting.longest < 20_000, counting.longest
+    whole = encode(tok, prompt[-5000:], answer[:5000], max_length=64, max_prompt_length=32)
+    assert e.input_ids == whole.input_ids and e.labels == whole.labels
+
+
+def test_tail_tokenization_matches_whole_text_on_bpe():
+    """Tokenizing only a tail of a long text gives the whole text's last tokens with a merging
+    (BPE) tokenizer too, not just a character-level one."""
+    import random as _random
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from sgdpo_fast.trainer.batches import head_ids, tail_ids
+    rng = _random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "the", "a", "of", "<x>", "123", "!!", "\n", "  "]
+    corpus = ["".join(rng.choice(words) + rng.choice(" ,.;") for _ in range(200)) for _ in range(20)]
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    for s in range(20):
+        text = "".join(rng.choice(words) + rng.choice(" ,.;x") for _ in range(3000))
+        whole = tk(text, add_special_tokens=False)["input_ids"]
+        for n in (1, 7, 100):
+            assert tail_ids(tk, text, n) == whole[-n:], (s, n)
+            assert head_ids(tk, text, n) == whole[:n], (s, n)
+
+
+def test_every_setting_has_a_rule():
+    """A new TrainConfig field cannot slip past validation: each has a rule (adam_betas, a
+    pair, is checked on its own)."""
+    import dataclasses
+    from sgdpo_fast.trainer.config import RULES
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(RULES) | {"adam_betas"}
+    for name, rule in RULES.items():
+        assert rule.problem(getattr(TrainConfig(), name)) is None, name  # defaults are allowed
+
+
+def test_state_store_round_trip(tmp_path):
+    """state_io keeps every kind of value a state_dict holds, exactly: int and str keys,
+    tuples vs lists, non-finite floats, dtypes, 0-d / empty / non-contiguous tensors, and
+    tensors sharing storage (tied weights: stored once, restored as one)."""
+    from sgdpo_fast.trainer.state_io import read_state, save_state
+    w = torch.randn(5, 3)
+    tree = {"model": {"embed.weight": w, "lm_head.weight": w, "half": w[:2], "t": w.t()},
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.zeros(0)}},
+                          "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0, 1],
+                                            "fused": None, "amsgrad": False}]},
+            "x": [float("nan"), float("inf"), -float("inf"), 0.1, 2**62, "s", None],
+            "bf16": torch.randn(4).bfloat16(), "u8": torch.arange(7, dtype=torch.uint8)}
+    save_state(str(tmp_path), tree, {"step": 7})
+    got, meta = read_state(str(tmp_path))
+    assert meta == {"step": 7}
+    assert torch.equal(got["model"]["embed.weight"], w) and torch.equal(got["model"]["t"], w.t())
+    assert got["model"]["embed.weight"] is got["model"]["lm_head.weight"]
+    assert torch.equal(got["model"]["half"], w[:2])
+    assert list(got["optimizer"]["state"]) == [0] and got["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert got["optimizer"]["state"][0]["m"].shape == (0,)
+    x = got["x"]
+    assert math.isnan(x[0]) and x[1:] == [float("inf"), -float("inf"), 0.1, 2**62, "s", None]
+    assert got["bf16"].dtype == torch.bfloat16 and torch.equal(got["bf16"], tree["bf16"])
+    assert torch.equal(got["u8"], tree["u8"])
+
+
+def test_tied_weights_checkpoint_and_resume(tok, tmp_path):
+    """A model with tied input/output embeddings (as SmolLM2) checkpoints and resumes exactly."""
+    cfg = _cfg(loss_type="sigmoid", max_steps=3, save_every=1)
+    full = tiny_model(16, tie=True)
+    train(full, tok, PAIRS, cfg, str(tmp_path / "full"))
+    run = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        train(tiny_model(16, tie=True), tok, PAIRS, cfg, run, callbacks=[_stop_at(2)])
+    resumed = tiny_model(16, tie=True)
+    train(resumed, tok, PAIRS, cfg, run, resume=True)
+    assert resumed.lm_head.weight is resumed.model.embed_tokens.weight
+    for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), k

@@ -5,14 +5,17 @@ Two record shapes are understood:
 * preference records: ``{"prompt": str, "chosen": str, "rejected": str, ...}``
 * SFT records:        ``{"prompt": str, "response": str, ...}``
 
-Every required field must be a string that is non-empty after stripping; extra
-keys are kept as they are.  A *source* is one of
+Every required field must be a string that is non-empty after stripping and valid
+Unicode (no lone surrogates, which JSON's ``\ud800`` escapes can produce but no tokenizer
+takes); extra keys are kept as they are.  A *source* is one of
 
 * a path to a ``.jsonl`` file (one JSON object per line, blank lines skipped);
 * ``"bundled:train"`` / ``"bundled:heldout"``: the task files shipped in
   ``sgdpo_fast/data/bundled/`` (see :mod:`sgdpo_fast.data.tasks`);
 * ``"hf:<dataset name or local dir>[:<split>]"``: loaded with Hugging Face
-  ``datasets`` (optional dependency; the split defaults to ``train``).
+  ``datasets`` (optional dependency; the split defaults to ``train``).  Offline by
+  default: a local folder is read with the Hub switched off; a Hub name needs the
+  explicit opt-in ``online=True`` (the command line's ``--online``).
 
 Problems are reported as :class:`DataError` whose message starts with
 ``"{path}:{line}: "`` (1-based line numbers, blank lines counted) or, for
@@ -74,6 +77,9 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: JSON nested too deeply to read "
+                                    f"(Python's parser gives up); flatten the record") from None
                 if not isinstance(obj, dict):
                     raise DataError(
                         f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
@@ -144,23 +150,25 @@ def _fsync_dir(directory: str) -> None:
 # Validated loading
 # ---------------------------------------------------------------------------
 
-def load_preferences(source: str | os.PathLike) -> list[dict]:
+def load_preferences(source: str | os.PathLike, *, online: bool = False) -> list[dict]:
     """Load preference records ``{"prompt", "chosen", "rejected"}`` from a source.
 
     All three fields must be non-empty strings and ``chosen`` must differ from
     ``rejected`` (ignoring surrounding whitespace).  Extra keys are kept.
-    See the module docstring for the accepted sources.
+    See the module docstring for the accepted sources (``online``: allow an
+    ``hf:`` Hub name to be downloaded).
     """
-    return _load(source, PREFERENCE_KEYS, _check_pair)
+    return _load(source, PREFERENCE_KEYS, _check_pair, online)
 
 
-def load_sft(source: str | os.PathLike) -> list[dict]:
+def load_sft(source: str | os.PathLike, *, online: bool = False) -> list[dict]:
     """Load SFT records ``{"prompt", "response"}`` from a source.
 
     Both fields must be non-empty strings.  Extra keys are kept.  See the
-    module docstring for the accepted sources.
+    module docstring for the accepted sources (``online`` as in
+    :func:`load_preferences`).
     """
-    return _load(source, SFT_KEYS, None)
+    return _load(source, SFT_KEYS, None, online)
 
 
 def _check_pair(rec: dict) -> str | None:
@@ -170,10 +178,10 @@ def _check_pair(rec: dict) -> str | None:
     return None
 
 
-def _load(source, keys, extra_check) -> list[dict]:
+def _load(source, keys, extra_check, online=False) -> list[dict]:
     """Resolve ``source``, iterate its rows and validate each one."""
     if isinstance(source, str) and source.startswith("hf:"):
-        label, rows = _hf_rows(source[len("hf:"):])
+        label, rows = _hf_rows(source[len("hf:"):], online)
         where = lambda i: f"{label} row {i}"  # noqa: E731
     else:
         path = _resolve_path(source)
@@ -222,6 +230,11 @@ def _validate(rec, keys) -> str | None:
             return f"key '{key}' must be a string, got {_json_type(value)}"
         if not value.strip():
             return f"key '{key}' is an empty string"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"key '{key}' holds a lone surrogate (U+{ord(value[e.start]):04X}) at "
+                    f"character {e.start}: not valid Unicode text")
     return None
 
 
@@ -258,12 +271,24 @@ def _parse_hf(spec: str) -> tuple[str, str]:
     return spec, "train"
 
 
-def _hf_rows(spec: str) -> tuple[str, Iterator[tuple[int, object]]]:
-    """Load a Hugging Face dataset split; return a label and ``(row_index, row)`` pairs."""
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _hf_rows(spec: str, online: bool = False) -> tuple[str, Iterator[tuple[int, object]]]:
+    """Load a Hugging Face dataset split; return a label and ``(row_index, row)`` pairs.
+    Without ``online`` only a local folder is accepted, and the Hub switches are set off
+    (``datasets`` and ``huggingface_hub`` read them once, when first imported)."""
     name, split = _parse_hf(spec)
     label = f"hf:{name}[{split}]"
     if not name:
         raise DataError(f"{label}: empty dataset name")
+    if not online:
+        if not os.path.isdir(name):
+            raise DataError(f"{label}: no local dataset folder {name}; downloading it from the "
+                            f"Hugging Face Hub needs an explicit opt-in (--online, or "
+                            f"online=True)")
+        for k in OFFLINE_SWITCHES:
+            os.environ.setdefault(k, "1")
     try:
         import datasets
     except ImportError:

@@ -175,6 +175,13 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError("give the reference as ref_hidden (+ ref_weight) or as ref_token_logps, not both")
         if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
             raise ValueError("ref_weight / ref_bias need ref_hidden")
+        if ref_hidden is not None:  # named here: the op would call it "hidden"
+            rw = weight if ref_weight is None else ref_weight
+            want = (*hidden.shape[:2], rw.shape[-1] if isinstance(rw, torch.Tensor) else "D")
+            if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape) != want:
+                got = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden)
+                raise ValueError(f"ref_hidden must be [2B, T, D] = {want} (2B, T of hidden; D of "
+                                 f"{'weight' if ref_weight is None else 'ref_weight'}), got {got}")
 
         op = dict(ignore_index=self.ignore_index, backend=self.backend)
         plan = LogprobPlan(metrics=("log_sum_sq_probs",)) if self.use_weighting else None

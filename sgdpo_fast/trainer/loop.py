@@ -5,12 +5,19 @@ PNG plot and a tqdm bar.  The model's loss comes from an objective
 
 Run folder::
 
-    <out>/config.json          the TrainConfig
+    <out>/config.json          the TrainConfig, the step count and the run's fingerprints
     <out>/metrics.jsonl        one line per optimizer step
     <out>/metrics.png          loss, rewards, margins, accuracy (+ pilots for SGDPO)
-    <out>/reference_logps.pt   precomputed reference (preference losses)
-    <out>/checkpoints/step-N/  the last ``keep_checkpoints`` checkpoints
+    <out>/reference_logps.safetensors   precomputed reference (preference losses)
+    <out>/checkpoints/step-N/  the last ``keep_checkpoints`` checkpoints (checkpoint.py)
     <out>/final/               save_pretrained model + tokenizer at the end
+
+A folder that holds a run is continued only with ``resume=True`` and replaced only with
+``overwrite=True``; everything is validated before any file is touched, and a resume must
+match the run's data, base model and settings (``run_folder.py``).  Every file is written
+atomically (``files.py``); a failed write raises ``RunWriteError`` naming the file.
+A non-finite loss, gradient norm or parameter stops the run with ``NonFiniteError``
+naming the step, before that step is logged or saved.
 
 Data order: epoch ``e`` visits the examples in ``randperm(n)`` drawn from a
 generator seeded with ``(seed, e)``; optimizer step ``s`` of that epoch takes
@@ -24,18 +31,31 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import ckpt_root, latest_checkpoint, load_checkpoint, save_checkpoint
-from .objectives import REF_FILE
+from . import run_folder
+from .checkpoint import (find_resumable, load_checkpoint, save_checkpoint, set_aside,
+                         training_state)
 from .config import TrainConfig
+from .files import write_folder, write_json, write_text, writing
 from .plot import plot_metrics
+from .run_folder import RunFolderError
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss, the gradient norm or the parameters became NaN or infinite at a step; the
+    run stopped before logging or saving that step (the message names it and the last
+    checkpoint)."""
+
+
+def _warn(msg: str) -> None:
+    print(f"[sgdpo_fast] warning: {msg}", file=sys.stderr, flush=True)
 
 
 class _StopRequest:
@@ -142,43 +162,76 @@ class Trainer:
                         keep.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError):
                     pass  # a line torn by the kill, or blank
-        with open(self.metrics_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        write_text(self.metrics_path, "".join(keep))
 
     def _save(self, step, opt, sched):
-        return save_checkpoint(self.out, step, self.model, opt, sched, self.generator,
-                               {"config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints)
+        path = save_checkpoint(self.out, step, training_state(self.model, opt, sched, self.generator),
+                               self._record, keep=self.cfg.keep_checkpoints)
+        self._last_ckpt = path
+        return path
+
+    def _plot(self):
+        with writing(self.plot_path):
+            return plot_metrics(self.metrics_path, self.plot_path, self._title())
+
+    def fingerprints(self) -> dict:
+        """The run's identity: its tokenized data and its base model (as passed in)."""
+        return {"data": self.obj.fingerprint(), "model": run_folder.model_fingerprint(self.model)}
+
+    def _resume_point(self, record: dict):
+        """The newest intact checkpoint (path or None), after checking that this run matches
+        the recorded one; damaged newer checkpoints are reported and returned for setting
+        aside.  Reads only: nothing in the folder changes here."""
+        path, meta, bad = find_resumable(self.out, _warn)
+        problems = []
+        stored = run_folder.read_record(self.out)
+        for rec, where in ((meta, path), (stored, os.path.join(self.out, run_folder.CONFIG_FILE))):
+            if rec is not None and not problems:
+                problems = [f"{p} (recorded in {where})" for p in run_folder.mismatch(
+                    rec, record["fingerprints"], self.cfg)]
+        if problems:
+            raise RunFolderError(f"cannot resume {self.out}: " + "; ".join(problems) +
+                                 ". Resume with the run's own data, model and settings, or "
+                                 "start a new run (--overwrite, or another --out)")
+        if path is None and run_folder.holds_run(self.out):
+            _warn(f"no intact checkpoint in {self.out}: starting from step 0")
+        return path, bad
 
     # the loop -------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Train to ``total_steps``.  ``resume``: continue the run in ``out_dir`` from its
+        newest intact checkpoint; ``overwrite``: replace a run that is there.  Without either,
+        a folder holding a run is refused (RunFolderError) and left as it is."""
+        run_folder.check_start(self.out, resume, overwrite)
+        record = {"objective": self.obj.name, "n_examples": len(self.obj),
+                  "total_steps": self.total_steps, **self.cfg.to_dict(),
+                  "fingerprints": self.fingerprints(), "settings": run_folder.settings(self.cfg)}
+        ckpt, bad = self._resume_point(record) if resume else (None, [])
+        # ---- everything is validated: from here on the folder changes ----
+        if not resume:
+            run_folder.clear_run(self.out)  # only the trainer's own files, and only now
+            torch.manual_seed(self.cfg.seed)  # dropout etc.: a fresh run is reproducible
         os.makedirs(self.out, exist_ok=True)
-        with open(os.path.join(self.out, "config.json"), "w") as f:
-            json.dump({"objective": self.obj.name, "n_examples": len(self.obj),
-                       "total_steps": self.total_steps, **self.cfg.to_dict()}, f, indent=1)
+        for path in bad:
+            _warn(f"damaged checkpoint {path} kept as {set_aside(path)}")
+        self._record = {"fingerprints": record["fingerprints"], "settings": record["settings"]}
+        write_json(os.path.join(self.out, run_folder.CONFIG_FILE), record)
         if self.cfg.gradient_checkpointing:
             en = getattr(self.model, "activation_checkpointing_enable", None) or \
                 self.model.gradient_checkpointing_enable
             en()
-        if not resume:  # a fresh run in an old folder keeps nothing of the old run
-            shutil.rmtree(ckpt_root(self.out), ignore_errors=True)
-            for f in (self.metrics_path, os.path.join(self.out, REF_FILE)):
-                if os.path.isfile(f):
-                    os.remove(f)
-            torch.manual_seed(self.cfg.seed)  # dropout etc.: a fresh run is reproducible
         # the reference comes from the model as loaded, before a checkpoint replaces its
         # weights, computed under the same autocast as the policy
         with self._autocast():
-            self.obj.prepare(self.model, self.out)
+            self.obj.prepare(self.model, self.out, record["fingerprints"]["model"])
         opt, sched = self._optimizer()
         step = 0
-        ckpt = latest_checkpoint(self.out) if resume else None
+        self._last_ckpt = None
         if ckpt is not None:
-            step = load_checkpoint(ckpt, self.model, opt, sched, self.generator)["step"]
-            self._truncate_metrics(step)
+            step = load_checkpoint(ckpt, self.model, opt, sched, self.generator, verify=False)["step"]
+            self._last_ckpt = ckpt
             print(f"[sgdpo_fast] resumed from {ckpt} (step {step}/{self.total_steps})", flush=True)
-        elif os.path.isfile(self.metrics_path):
-            os.remove(self.metrics_path)
+        self._truncate_metrics(step)
         last_saved = step
         self.model.train()
         try:
@@ -198,7 +251,7 @@ class Trainer:
                 last = self._step(step, opt, sched)
                 last.update(step=step + 1, epoch=step // self.steps_per_epoch,
                             elapsed_s=round(time.perf_counter() - t0, 3))
-                with open(self.metrics_path, "a") as f:
+                with writing(self.metrics_path), open(self.metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
                 step += 1
                 clean = True
@@ -208,7 +261,7 @@ class Trainer:
                 if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
                     self._save(step, opt, sched)
                     last_saved = step
-                    plot_metrics(self.metrics_path, self.plot_path, self._title())
+                    self._plot()
                 for cb in self.callbacks:
                     cb(step, last)
                 if stop.requested and step < self.total_steps:
@@ -226,18 +279,22 @@ class Trainer:
             stop.restore()
             if bar is not None:
                 bar.close()
-        self._save(step, opt, sched)
-        plot = plot_metrics(self.metrics_path, self.plot_path, self._title())
+        if step > last_saved or self._last_ckpt is None:
+            self._save(step, opt, sched)
+        plot = self._plot()
         final = None
         if self.cfg.save_final:
             final = os.path.join(self.out, "final")
-            self.model.save_pretrained(final)
-            self.tokenizer.save_pretrained(final)
+            write_folder(final, self._save_final)
         if not last:  # resumed a finished run: report its last logged step
             rows = [l for l in open(self.metrics_path)] if os.path.isfile(self.metrics_path) else []
             last = json.loads(rows[-1]) if rows else {}
         return {"steps": step, "last": last, "metrics": self.metrics_path, "plot": plot,
                 "final": final, "out": self.out}
+
+    def _save_final(self, folder: str) -> None:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def _title(self):
         return f"{self.cfg.loss_type}  beta={self.cfg.beta}  lr={self.cfg.lr:g}"
@@ -258,22 +315,48 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * (1.0 if k == "tokens" else share)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if params else torch.tensor(0.0)
-        if not (math.isfinite(total) and math.isfinite(float(gn))):
+        if not params:
+            gn = 0.0
+        elif self.cfg.max_grad_norm is None:  # no clipping
+            gn = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        else:
+            gn = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        if not (math.isfinite(total) and math.isfinite(gn)):
             # before opt.step(): the weights stay as the last finished step left them
-            raise FloatingPointError(f"non-finite loss {total} / grad norm {float(gn)} at step "
-                                     f"{step + 1}; lower the learning rate or check the data")
+            self._non_finite(step, f"the loss is {total} and the gradient norm {gn}; the "
+                                   f"weights were not updated")
         lr = opt.param_groups[0]["lr"]
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as e:  # torch refuses an update size beyond the float range
+            if "overflow" not in str(e):
+                raise
+            self._non_finite(step, f"its update overflowed (lr {lr:g}: {e}); the learning rate "
+                                   f"is far too large")
         sched.step()
-        return {"loss": total, "lr": lr, "grad_norm": float(gn), **sums}
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        if trained and not math.isfinite(float(torch.nn.utils.get_total_norm(
+                trained, norm_type=math.inf))):
+            self._non_finite(step, f"its update (lr {lr:g}) made parameters non-finite; the "
+                                   f"learning rate is far too large")
+        return {"loss": total, "lr": lr, "grad_norm": gn, **sums}
+
+    def _non_finite(self, step: int, what: str):
+        last = (f"the last checkpoint, {self._last_ckpt}, is intact" if self._last_ckpt
+                else "no checkpoint was saved")
+        raise NonFiniteError(f"step {step + 1}: {what}. Stopped before logging or saving this "
+                             f"step; {last}. Lower --lr or check the data")
 
 
 def train(model, tokenizer, records, cfg: TrainConfig, out_dir: str, resume: bool = False,
-          callbacks: Sequence[Callable] = ()) -> dict:
+          callbacks: Sequence[Callable] = (), overwrite: bool = False) -> dict:
     """Train ``model`` on ``records`` (preference pairs, or SFT examples with
-    ``loss_type="sft"``) and return the run summary."""
+    ``loss_type="sft"``) and return the run summary.  ``resume`` continues the run in
+    ``out_dir``; ``overwrite`` replaces it; a folder holding a run needs one of them."""
     from .objectives import make_objective
 
+    cfg.validate()
+    run_folder.check_start(out_dir, resume, overwrite)  # fail fast, before tokenizing
     obj = make_objective(records, tokenizer, cfg)
-    return Trainer(model, tokenizer, obj, cfg, out_dir, callbacks).train(resume=resume)
+    return Trainer(model, tokenizer, obj, cfg, out_dir, callbacks).train(resume=resume,
+                                                                         overwrite=overwrite)

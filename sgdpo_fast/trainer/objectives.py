@@ -9,9 +9,11 @@ the default: no second model in memory), or a frozen copy of the initial model
 """
 from __future__ import annotations
 
+import array
 import copy
 import hashlib
 import os
+import sys
 from typing import Dict, List, Sequence
 
 import torch
@@ -21,7 +23,68 @@ from ..losses.preference import preference_loss
 from .batches import Encoded, answer_mask, collate, encode, token_logps
 from .config import TrainConfig
 
-REF_FILE = "reference_logps.pt"
+REF_FILE = "reference_logps.safetensors"
+REF_FORMAT = "sgdpo_fast.reference/1"
+
+
+def _warn(msg: str) -> None:
+    print(f"[sgdpo_fast] warning: {msg}", file=sys.stderr, flush=True)
+
+
+def fingerprint_sequences(seqs) -> str:
+    """SHA-256 of tokenized sequences (ids and labels, in order): equal only for the very same
+    training data as the model sees it (same records, tokenizer and length limits)."""
+    h = hashlib.sha256()
+    for s in seqs:
+        for part in (s.input_ids, s.labels):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(array.array("q", part).tobytes())
+    return h.hexdigest()
+
+
+def save_reference(path: str, fingerprint: str, logps: List[torch.Tensor]) -> None:
+    """Per-sequence reference log-probs as one safetensors file (pickle-free), written to a
+    temporary name and renamed; the fingerprint and a hash of the values ride in its header."""
+    from safetensors.torch import save_file
+
+    from .files import writing
+    flat = torch.cat([x.float().reshape(-1) for x in logps]) if logps else torch.zeros(0)
+    lengths = torch.tensor([x.numel() for x in logps], dtype=torch.int64)
+    digest = hashlib.sha256(flat.numpy().tobytes() + lengths.numpy().tobytes()).hexdigest()
+    tmp = path + ".tmp"
+    try:
+        with writing(path):
+            save_file({"logps": flat.contiguous(), "lengths": lengths}, tmp,
+                      metadata={"format": REF_FORMAT, "fingerprint": fingerprint, "sha256": digest})
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_reference(path: str, fingerprint: str):
+    """The stored per-sequence log-probs if ``path`` is intact and was computed for
+    ``fingerprint``; else None, after a warning naming the file (it will be recomputed)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            flat, lengths = f.get_tensor("logps"), f.get_tensor("lengths")
+    except Exception as e:  # a file cut short, emptied or not safetensors at all
+        _warn(f"{path} is unreadable ({' '.join(str(e).split())[:200]}); recomputing the "
+              f"reference log-probs")
+        return None
+    if meta.get("format") != REF_FORMAT or meta.get("fingerprint") != fingerprint:
+        print(f"[sgdpo_fast] {path} was computed for other data or another model; recomputing it",
+              flush=True)
+        return None
+    digest = hashlib.sha256(flat.numpy().tobytes() + lengths.numpy().tobytes()).hexdigest()
+    if digest != meta.get("sha256") or int(lengths.sum()) != flat.numel():
+        _warn(f"{path} holds other values than were written (damaged); recomputing the "
+              f"reference log-probs")
+        return None
+    return [x.clone() for x in torch.split(flat, lengths.tolist())]
 
 
 def _progress(total, desc, enabled):
@@ -57,23 +120,24 @@ class PreferenceObjective:
         seqs = [self.pairs[i][0] for i in idx] + [self.pairs[i][1] for i in idx]
         return collate(seqs, self.pad_id)
 
-    def prepare(self, model, out_dir: str) -> None:
+    def prepare(self, model, out_dir: str, model_fingerprint: str = "") -> None:
         """Set up the reference from ``model`` as it is now (before any training step).
         Precomputed reference log-probs are stored in ``out_dir`` and reloaded on resume,
-        so a resumed run uses the initial model's, not the checkpoint's."""
+        so a resumed run uses the initial model's, not the checkpoint's; a stored file that
+        is damaged, or was computed for other data or (``model_fingerprint``) another model,
+        is recomputed."""
         if not self.needs_ref:
             return
         if self.cfg.reference == "copy":
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             return
         path = os.path.join(out_dir, REF_FILE)
-        fp = self.fingerprint()
+        fp = hashlib.sha256(f"{self.fingerprint()} {model_fingerprint}".encode()).hexdigest()
         if os.path.isfile(path):
-            saved = torch.load(path)
-            if isinstance(saved, dict) and saved.get("fingerprint") == fp:
-                self.ref_logps = saved["logps"]
+            saved = load_reference(path, fp)
+            if saved is not None and len(saved) == 2 * len(self.pairs):
+                self.ref_logps = saved
                 return
-            print(f"[sgdpo_fast] {path} was computed for other data; recomputing it", flush=True)
         was_training = model.training
         model.eval()
         out: List[torch.Tensor] = [None] * (2 * len(self.pairs))
@@ -94,18 +158,12 @@ class PreferenceObjective:
             bar.close()
         model.train(was_training)
         self.ref_logps = out
-        tmp = path + ".tmp"
-        torch.save({"fingerprint": fp, "logps": out}, tmp)
-        os.replace(tmp, path)
+        save_reference(path, fp, out)
 
     def fingerprint(self) -> str:
-        """Hash of every tokenized pair (ids and labels): a stored reference is reused only
-        for the very same sequences."""
-        h = hashlib.sha256()
-        for pair in self.pairs:
-            for s in pair:
-                h.update(repr((s.input_ids, s.labels)).encode())
-        return h.hexdigest()
+        """Hash of every tokenized pair (ids and labels): a stored reference is reused, and a
+        run resumed, only for the very same sequences."""
+        return fingerprint_sequences(s for pair in self.pairs for s in pair)
 
     def weight(self, idx: Sequence[int]) -> float:
         """Share of a micro-batch in its step's loss: its number of pairs."""
@@ -158,8 +216,12 @@ class SFTObjective:
     def __len__(self):
         return len(self.seqs)
 
-    def prepare(self, model, out_dir: str) -> None:
+    def prepare(self, model, out_dir: str, model_fingerprint: str = "") -> None:
         return None
+
+    def fingerprint(self) -> str:
+        """Hash of every tokenized example: a run is resumed only on the very same ones."""
+        return fingerprint_sequences(self.seqs)
 
     def weight(self, idx: Sequence[int]) -> float:
         """Share of a micro-batch in its step's loss: its answer tokens (so a step's loss is
