@@ -26,7 +26,7 @@ log-probs; they carry no gradient.  The computation itself is
 Lifetime of the patch (docs/integrations.md, "When to re-apply"): it lives on the model
 *object* (``model.forward`` is a small picklable object holding the model and the
 options, no closure), so it survives ``copy.deepcopy`` and pickling the whole model
-(``torch.save(model)`` / ``torch.load(..., weights_only=False)``).  A new model object
+(``torch.save(model)`` and loading that whole pickled object back).  A new model object
 (``from_pretrained``, a fresh model given a ``state_dict``, a new process) has no patch,
 and :func:`remove_fused_lm_head` removes it.  So that a lost patch fails loudly instead of
 ``fused_lm_head=True`` being silently ignored by transformers (which then returns full

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Optional, Tuple
 
-import torch
 
 from ..losses import formulas
 from ..ops.plan import BACKENDS
@@ -169,14 +168,13 @@ class TrainConfig:
                 all(Rule("float", lo=0, hi=1, hi_open=True).problem(x) is None for x in b)):
             raise ConfigError(f"adam_betas must be two finite numbers in [0, 1), got {b!r}")
         if self.loss_type != "sft":
-            from ..losses.preference import validate_preference_inputs
-            z, m = torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool)
-            try:  # the loss's own checks of its settings, on a dummy pair
-                validate_preference_inputs(
-                    z, z, m, loss_type=self.loss_type, beta=self.beta,
+            from ..losses.preference import loss_type_list, validate_loss_options
+            try:  # the loss's own checks of its settings
+                validate_loss_options(
+                    loss_type_list(self.loss_type), beta=self.beta,
                     label_smoothing=self.label_smoothing, r1=self.pilot_ratio_chosen,
-                    r2=self.pilot_ratio_rejected, pilot_masks=None, pilot_mode=self.pilot_mode,
-                    generator=None, simpo_gamma=self.simpo_gamma, nll_alpha=self.nll_alpha)
+                    r2=self.pilot_ratio_rejected, pilot_mode=self.pilot_mode,
+                    simpo_gamma=self.simpo_gamma, nll_alpha=self.nll_alpha)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return self
