@@ -175,3 +175,38 @@ def test_double_backward_is_a_clear_error(backend):
     assert torch.isfinite(gh).all()
     with pytest.raises(NotImplementedError, match="second-order"):
         gh.sum().backward()
+
+
+def test_plan_math_fields_are_used_or_contradicted():
+    """The transform and ignore_index may come from the plan instead of the keywords; a plan
+    that says one thing and a keyword another is an error, never silently ignored."""
+    from sgdpo_fast.ops import LogitTransform
+    h, w, t = _inputs()
+    t2 = t.clone()
+    t2[t2 == -100] = -1
+    p = LogprobPlan(ignore_index=-1, transform=LogitTransform(1.0, 1.5, 2.0))
+    got = sf.fused_token_logprobs(h, w, t2, plan=p)
+    want = logprob_oracle(h, w, t2, ignore_index=-1, softcap=1.5, temperature=2.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    same = sf.fused_token_logprobs(h, w, t2, plan=p, softcap=1.5, ignore_index=-1)
+    torch.testing.assert_close(same, got)
+    with pytest.raises(ValueError, match="softcap=3.0 contradicts"):
+        sf.fused_token_logprobs(h, w, t2, plan=p, softcap=3.0)
+    with pytest.raises(ValueError, match="ignore_index=-7 contradicts"):
+        sf.fused_token_logprobs(h, w, t, plan=LogprobPlan(ignore_index=-1), ignore_index=-7)
+
+
+def test_triton_blocks_must_be_powers_of_two():
+    for bad in (dict(block_n=24), dict(block_v=8), dict(block_d=48)):
+        with pytest.raises(ValueError, match="power of two"):
+            TritonConfig(**bad)
+
+
+def test_preference_loss_second_order_is_a_clear_error():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    r = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    out = sf.preference_loss(p, r, torch.ones(4, 5, dtype=torch.bool), loss_type="sigmoid")
+    (gp,) = torch.autograd.grad(out.loss, p, create_graph=True)
+    with pytest.raises(NotImplementedError, match="preference_loss has no second-order"):
+        gp.sum().backward()

@@ -89,8 +89,19 @@ def _vp_worker(rank, port, seed, out):
             h.detach(), ws.detach(), t, bias=None if bs is None else bs.detach(), **kw,
             plan=sf.LogprobPlan(metrics=sf.ops.METRICS, group=dist.group.WORLD,
                                 vocab_start=start))
+        # targets are checked against the whole vocabulary, with no vocab_size= needed
+        errors = []
+        for bad in (V, -7):
+            tb = t.clone()
+            tb[0] = bad
+            try:
+                vocab_parallel_token_logprobs(h.detach(), ws.detach(), tb, vocab_start=start,
+                                              bias_shard=None if bs is None else bs.detach(), **kw)
+                errors.append("accepted")
+            except ValueError as e:
+                errors.append(str(e))
         res.append(dict(start=start, logp=lp.detach(), dH=h.grad, dW=ws.grad,
-                        db=None if bs is None else bs.grad, metrics=met))
+                        db=None if bs is None else bs.grad, metrics=met, errors=errors))
     torch.save(res, os.path.join(out, f"vp{rank}.pt"))
     _finish()
 
@@ -263,6 +274,7 @@ def test_vocab_parallel_matches_single_process(vp_results, case):
     _, met = sf.ops.token_logprobs(h.detach(), w.detach(), t, bias=None if b is None else b.detach(),
                                    backend="torch", plan=sf.LogprobPlan(metrics=sf.ops.METRICS), **kw)
     for r in range(WORLD):
+        assert [f"outside [0, {V})" in e for e in rs[r]["errors"]] == [True, True], rs[r]["errors"]
         for k, v in met.items():
             torch.testing.assert_close(rs[r]["metrics"][k], v, rtol=1e-5, atol=1e-5, msg=k)
     dW = torch.cat([rs[r]["dW"] for r in range(WORLD)])         # dW stays local to each shard

@@ -286,3 +286,60 @@ def test_module_trl_types_match_fp64_oracle(loss_type, kw):
     for g, w, name in zip(grads, wgrads, ("hidden", "weight", "bias")):
         assert rel(g, w) < 1e-4, name
     torch.testing.assert_close(aux.losses.double(), want.losses, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_makes_no_fp32_copy_of_the_head():
+    """The Liger-style aux (mean logits) is summed in fp32 without an fp32 copy of the
+    bf16 head: nothing of the head's size is allocated but what the op itself needs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Big(TorchDispatchMode):
+        def __init__(self, limit):
+            super().__init__()
+            self.limit, self.seen = limit, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor) and o.numel() * o.element_size() >= self.limit:
+                    self.seen.append((str(func), tuple(o.shape), o.dtype))
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    V, D = 4096, 64
+    w = (torch.randn(V, D, generator=g) * 0.1).bfloat16()
+    h = torch.randn(4, 6, D, generator=g).bfloat16()
+    t = torch.randint(0, V, (4, 6), generator=g)
+    loss_fn = sf.FusedLinearDPOLoss(use_ref_model=False)
+    with torch.no_grad(), Big(V * D * 2) as mode:
+        loss_fn(w, h, t)
+    assert not mode.seen, mode.seen
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("ref_dtype", "ref_hidden dtype"), ("ref_bias_shape", "ref_bias must have shape"),
+    ("ref_weight_dtype", "ref_hidden dtype .* differs from ref_weight"),
+])
+def test_reference_tensors_are_named_in_errors(bad, match):
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(11, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    t = torch.randint(0, 11, (4, 5), generator=g)
+    kw = dict(ref_input=h.clone())
+    if bad == "ref_dtype":
+        kw["ref_input"] = h.bfloat16()
+    elif bad == "ref_bias_shape":
+        kw.update(ref_weight=w.clone(), ref_bias=torch.zeros(7))
+    else:
+        kw.update(ref_weight=w.double())
+    with pytest.raises(ValueError, match=match):
+        sf.FusedLinearDPOLoss()(w, h, t, **kw)
+
+
+def test_wpo_module_compiles_fullgraph():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(11, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    t = torch.randint(0, 11, (4, 5), generator=g)
+    loss_fn = sf.FusedLinearDPOLoss(use_ref_model=False, use_weighting=True)
+    f = torch.compile(lambda w, h, t: loss_fn(w, h, t)[0], fullgraph=True)
+    torch.testing.assert_close(f(w, h, t), loss_fn(w, h, t)[0])

@@ -53,14 +53,41 @@ def _logits_means(hidden, weight, bias, B):
     with torch.no_grad():
         T = hidden.shape[1]
         V = weight.shape[0]
-        wsum = weight.float().sum(0)
+        # fp32 sums without fp32 copies of the head or the hidden states
+        wsum = weight.sum(0, dtype=torch.float32)
         out = []
         for rows in (slice(None, B), slice(B, None)):
-            m = hidden[rows].float().sum((0, 1)) @ wsum / (B * T * V)
+            m = hidden[rows].sum((0, 1), dtype=torch.float32) @ wsum / (B * T * V)
             if bias is not None:
-                m = m + bias.float().mean()
+                m = m + bias.mean(dtype=torch.float32)
             out.append(m)
         return out
+
+
+# WPO needs log(sum p^2) per token, from the same sweep as the log-probs (a constant: plans
+# are frozen, and one built outside a compiled function keeps torch.compile's graph whole)
+_WPO_PLAN = LogprobPlan(metrics=("log_sum_sq_probs",))
+
+
+def _check_reference(ref_hidden, ref_weight, ref_bias, weight):
+    """The reference pass's tensors checked under their own names (the op would say
+    hidden / weight / bias)."""
+    rw = weight if ref_weight is None else ref_weight
+    rw_name = "weight" if ref_weight is None else "ref_weight"
+    if not isinstance(rw, torch.Tensor) or rw.dim() != 2:
+        raise ValueError(f"{rw_name} must be a 2-D tensor [V, D]")
+    if ref_hidden.dtype != rw.dtype:
+        raise ValueError(f"ref_hidden dtype {ref_hidden.dtype} differs from {rw_name} dtype "
+                         f"{rw.dtype}")
+    if ref_hidden.device != rw.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but {rw_name} is on {rw.device}")
+    if ref_bias is not None:
+        if not isinstance(ref_bias, torch.Tensor) or tuple(ref_bias.shape) != (rw.shape[0],):
+            got = tuple(ref_bias.shape) if isinstance(ref_bias, torch.Tensor) else type(ref_bias)
+            raise ValueError(f"ref_bias must have shape [V]=({rw.shape[0]},), got {got}")
+        if ref_bias.dtype != rw.dtype:
+            raise ValueError(f"ref_bias dtype {ref_bias.dtype} differs from {rw_name} dtype "
+                             f"{rw.dtype}")
 
 
 def _pick(name, ours, alias, alias_name):
@@ -182,9 +209,10 @@ class FusedLinearPreferenceLoss(nn.Module):
                 got = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden)
                 raise ValueError(f"ref_hidden must be [2B, T, D] = {want} (2B, T of hidden; D of "
                                  f"{'weight' if ref_weight is None else 'ref_weight'}), got {got}")
+            _check_reference(ref_hidden, ref_weight, ref_bias, weight)
 
         op = dict(ignore_index=self.ignore_index, backend=self.backend)
-        plan = LogprobPlan(metrics=("log_sum_sq_probs",)) if self.use_weighting else None
+        plan = _WPO_PLAN if self.use_weighting else None
         policy, met = token_logprobs(hidden, weight, targets, bias=bias, plan=plan, **op)
 
         types = loss_type_list(self.loss_type)

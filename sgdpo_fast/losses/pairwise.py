@@ -31,6 +31,7 @@ import torch
 from ..kernels.pairwise_codes import (COL_LOGP_L, COL_LOGP_W, COL_LOSS, COL_PIL_L,  # noqa: F401
                                       COL_PIL_W, COL_REW_L, COL_REW_W, COL_SUM_W, FDIV_CODE,
                                       KERNEL_LOSS_TYPES, LOSS_CODE, N_STATS)
+from ..ops.first_order import first_order
 from . import formulas
 
 IMPLS = ("auto", "torch", "triton")
@@ -243,12 +244,12 @@ N_OP_ARGS = 14
 
 def _pairwise_setup(ctx, inputs, output):
     policy, _, mask = inputs[:3]
-    ctx.save_for_backward(output[1], mask, output[2])
+    ctx.save_for_backward(output[1], mask, output[2], policy)
     ctx.policy_dtype = policy.dtype
 
 
 def _pairwise_backward(ctx, grad_stats, _grad_grad, _grad_owner):
-    grad, mask, owner = ctx.saved_tensors
+    grad, mask, owner, policy = ctx.saved_tensors
     if grad_stats is None:
         return (None,) * N_OP_ARGS
     B = grad.shape[0] // 2
@@ -261,7 +262,9 @@ def _pairwise_backward(ctx, grad_stats, _grad_grad, _grad_owner):
                         torch.zeros(B, dtype=torch.bool, device=g.device)])
     g = g + torch.where((mask != 0) & chosen[:, None], torch.cat([gs[:, COL_SUM_W]] * 2)[:, None],
                         zero)
-    return (g.to(ctx.policy_dtype),) + (None,) * (N_OP_ARGS - 1)
+    # closed-form first-order weights: a second-order gradient through them is an error
+    (g,) = first_order((g.to(ctx.policy_dtype),), (policy, grad_stats), "preference_loss")
+    return (g,) + (None,) * (N_OP_ARGS - 1)
 
 
 _pairwise_op.register_autograd(_pairwise_backward, setup_context=_pairwise_setup)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends, sweep
+from .first_order import first_order
 from .plan import LogprobPlan, TileConfig, TritonConfig
 from .transform import LogitTransform
 from .validate import check_targets, validate_logprob_inputs
@@ -32,6 +33,7 @@ from .validate import check_targets, validate_logprob_inputs
 __all__ = ["fused_token_logprobs", "token_logprobs", "as_dtype"]
 
 _DEFAULT_PLAN = LogprobPlan()
+_OP_NAME = "fused_token_logprobs"
 
 
 def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -65,8 +67,11 @@ def _forward(hidden, weight, bias, targets, plan: LogprobPlan):
     contiguous; targets [N] int64.  Returns ``(logp [N], lse [N], metrics [K, N])`` fp32,
     0 at ignored rows."""
     N, V = hidden.shape[0], weight.shape[0]
-    if plan.group is None:
-        check_targets(targets, V, plan.ignore_index)
+    V_total = _vocab_size(V, plan)
+    if plan.group is not None and plan.vocab_start + V > V_total:
+        raise ValueError(f"vocab_start={plan.vocab_start} + this shard's {V} rows pass the "
+                         f"{V_total} rows the group's shards hold together")
+    check_targets(targets, V_total, plan.ignore_index)
     idx, t = _rows(targets, plan)
     h = hidden if idx is None else hidden.index_select(0, idx)
     n = h.shape[0]
@@ -79,7 +84,7 @@ def _forward(hidden, weight, bias, targets, plan: LogprobPlan):
         stats = allreduce_stats(stats, plan.group, plan.vocab_start)
     lse_c = sweep.finalize(stats)
     logp_c = stats.tgt - lse_c
-    met_c = sweep.metric_values(stats, lse_c, t, _vocab_size(V, plan), plan.metrics) \
+    met_c = sweep.metric_values(stats, lse_c, t, V_total, plan.metrics) \
         if plan.metrics else lse_c.new_zeros((0, n))
 
     def scatter(v, fill_shape):
@@ -94,6 +99,7 @@ def _forward(hidden, weight, bias, targets, plan: LogprobPlan):
 
 
 def _vocab_size(V_local: int, plan: LogprobPlan) -> int:
+    """The whole vocabulary: this weight's rows, or the sum of the group's shards."""
     if plan.group is None:
         return V_local
     t = torch.tensor([V_local], dtype=torch.int64)
@@ -194,29 +200,6 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on a gradient of the op, connected to the op's inputs: differentiating it
-    (a second-order gradient through the op) is an error, never a silent zero."""
-
-    @staticmethod
-    def forward(ctx, grad, *anchors):
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise NotImplementedError(
-            "fused_token_logprobs has no second-order gradients (a gradient of its gradient); "
-            "use the materialized logits for double backward")
-
-
-def _first_order(grads, inputs):
-    """Under ``create_graph=True`` the returned gradients refuse to be differentiated."""
-    if not torch.is_grad_enabled():
-        return grads
-    anchors = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-    return tuple(None if g is None else _FirstOrderOnly.apply(g, *anchors) for g in grads)
-
-
 def _op_backward(ctx, grad_logp, _grad_lse, _grad_metrics):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     needs = [bool(x) for x in ctx.needs_input_grad[:3]]
@@ -226,7 +209,7 @@ def _op_backward(ctx, grad_logp, _grad_lse, _grad_metrics):
     dH, dW, db = torch.ops.sgdpo_fast.token_logprobs_backward(
         grad_logp, hidden, weight, bias, targets, lse, *ctx.op_args, needs)
     grads = (dH if needs[0] else None, dW if needs[1] else None, db if needs[2] else None)
-    return _first_order(grads, (hidden, weight, bias, grad_logp)) + (None,) * 9
+    return first_order(grads, (hidden, weight, bias, grad_logp), _OP_NAME) + (None,) * 9
 
 
 _token_logprobs_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -261,10 +244,19 @@ class _DistributedLogprob(torch.autograd.Function):
                                    need_h, need_w, need_b and bias is not None)
         dW = None if dW is None else dW.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return _first_order((dH, dW, db), (hidden, weight, bias, grad_logp)) + (None, None)
+        return first_order((dH, dW, db), (hidden, weight, bias, grad_logp), _OP_NAME) + (None, None)
 
 
 # ----------------------------------------------------------------------------- public
+
+def _pick(name: str, kw, default, planned):
+    """A math argument from the keyword or, when that is left at its default, from the plan."""
+    if planned == default:
+        return kw
+    if kw != default and kw != planned:
+        raise ValueError(f"{name}={kw!r} contradicts plan's {name}={planned!r}")
+    return planned
+
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
@@ -281,6 +273,12 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     base = _DEFAULT_PLAN if plan is None else plan
     if not isinstance(base, LogprobPlan):
         raise ValueError(f"plan must be a LogprobPlan, got {type(plan).__name__}")
+    # the math may come from the keywords or from the plan; both set and different is an error
+    ptf = base.transform
+    logit_scale = _pick("logit_scale", logit_scale, 1.0, ptf.logit_scale)
+    softcap = _pick("softcap", softcap, None, ptf.softcap)
+    temperature = _pick("temperature", temperature, 1.0, ptf.temperature)
+    ignore_index = _pick("ignore_index", ignore_index, -100, base.ignore_index)
     validate_logprob_inputs(hidden, weight, targets, bias, ignore_index, temperature, softcap,
                             logit_scale, exact_dtypes=not base.distributed)
     if backend != "auto" and base.backend not in ("auto", backend):
@@ -327,7 +325,9 @@ def fused_token_logprobs(
     Differentiable w.r.t. hidden, weight and bias (first order).  ``backend`` picks the
     implementation (``auto``, ``torch``, ``cpu``, ``cuda``, ``triton``); ``plan`` (a
     :class:`~sgdpo_fast.ops.plan.LogprobPlan`) carries the other execution choices
-    (tile and block sizes).  ``torch.compile(fullgraph=True)`` traces it as one op.
+    (tile and block sizes; the transform and ``ignore_index`` may come from it instead of
+    the keywords, a contradiction is an error).  ``torch.compile(fullgraph=True)`` traces it
+    as one op (build plans outside the compiled function).
     """
     return token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                           temperature=temperature, softcap=softcap, logit_scale=logit_scale,

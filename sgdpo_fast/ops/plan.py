@@ -1,6 +1,6 @@
 """``LogprobPlan``: every execution choice of the log-prob op, in one frozen object.
 
-A plan is resolved once per call (``LogprobPlan.resolve``: ``backend="auto"`` becomes a
+A plan is resolved once per call (``backends.resolve``: ``backend="auto"`` becomes a
 concrete backend for a CPU device; on CUDA it stays ``auto`` and ``backends/auto_backend.py``
 picks the backend per call by device, dtype and shape from the shipped table of measured
 results, the same for the forward and the backward) and travels with the call: the forward runs with it and
@@ -30,7 +30,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Tuple
 
-import torch
 
 from .transform import LogitTransform
 
@@ -41,8 +40,9 @@ METRICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 @dataclass(frozen=True)
 class TileConfig:
     """Tile shape of the tiled driver (``sweep.py``; the ``torch``/``cpu``/``cuda`` backends): a
-    logit tile holds at most ``tile_elems`` fp32 values, ``min(N, max_block_n)`` tokens by at
-    least ``min_block_v`` vocabulary entries.  ``scratch_bytes`` bounds the backward's fp32
+    logit tile is ``min(N, max_block_n)`` tokens by ``max(min_block_v, tile_elems // block_n)``
+    vocabulary entries (so about ``tile_elems`` fp32 values, more when ``min_block_v``
+    wins).  ``scratch_bytes`` bounds the backward's fp32
     accumulators beyond the gradients themselves for bf16/fp16 inputs (see
     ``sweep.backward``: part of dH's fp32 sum lives in the not-yet-written gradient buffers,
     the rest in this much scratch)."""
@@ -112,6 +112,10 @@ class TritonConfig:
             v = getattr(self, f.name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"TritonConfig.{f.name} must be None or a positive int, got {v!r}")
+        for name in ("block_n", "block_v", "block_d"):  # tl.arange / tl.dot shapes
+            v = getattr(self, name)
+            if v is not None and (v < 16 or v & (v - 1)):
+                raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, got {v}")
 
     def kwargs(self, which=None) -> dict:
         """The fields that are set (of ``which``: ``FORWARD`` or ``BACKWARD``), as keyword
@@ -132,10 +136,10 @@ class TritonConfig:
 @dataclass(frozen=True)
 class LogprobPlan:
     backend: str = "auto"
-    tiles: TileConfig = field(default_factory=TileConfig)
-    triton: TritonConfig = field(default_factory=TritonConfig)
+    tiles: TileConfig = TileConfig()            # frozen, so one shared default is safe
+    triton: TritonConfig = TritonConfig()
     metrics: Tuple[str, ...] = ()
-    transform: LogitTransform = field(default_factory=LogitTransform)
+    transform: LogitTransform = LogitTransform()
     ignore_index: int = -100
     gather: Optional[Callable[[], Any]] = field(default=None, compare=False)
     group: Any = field(default=None, compare=False)
@@ -177,9 +181,3 @@ class LogprobPlan:
         through a plain ``autograd.Function``; everything else through the custom op)."""
         return self.gather is not None or self.group is not None
 
-    def resolve(self, device: torch.device) -> "LogprobPlan":
-        """The same plan with ``backend`` made concrete for ``device`` (see
-        ``backends.resolve``)."""
-        from . import backends
-        name = backends.resolve(self.backend, device.type)
-        return self if name == self.backend else self.replace(backend=name)

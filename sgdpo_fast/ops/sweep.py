@@ -44,7 +44,7 @@ class TokenStats(NamedTuple):
     m: torch.Tensor
     s: torch.Tensor
     tgt: torch.Tensor
-    extra: Optional[torch.Tensor] = None   # [len(EXTRA), n]: sz, s2, zsum (fp32), arg (as float64)
+    extra: Optional[torch.Tensor] = None   # [len(EXTRA), n] float64: sz, s2, zsum, arg
 
 
 def empty_stats(n: int, device, metrics: bool) -> TokenStats:

@@ -23,12 +23,8 @@ class LogitTransform:
     softcap: Optional[float] = None
     temperature: float = 1.0
 
-    @property
-    def is_identity(self) -> bool:
-        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
-
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Transform a float32 (or float64) logit tile; returns a new tensor."""
+        """Transform a float32 (or float64) logit tile (``x`` itself for the identity)."""
         z = x * self.logit_scale if self.logit_scale != 1.0 else x
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap

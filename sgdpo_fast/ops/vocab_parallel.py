@@ -68,6 +68,22 @@ def allreduce_stats(stats: sweep.TokenStats, group, vocab_start: int) -> sweep.T
                              reduce(dist.ReduceOp.MIN))
 
 
+def _check_shard(name, t, hidden, dim):
+    """A shard's own checks, under its own name (the op would name weight / bias)."""
+    if t is None and dim == 1:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float16,
+                                                          torch.bfloat16):
+        raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if isinstance(hidden, torch.Tensor):
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from hidden dtype {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
 def vocab_parallel_token_logprobs(
     hidden: torch.Tensor,
     weight_shard: torch.Tensor,
@@ -89,12 +105,13 @@ def vocab_parallel_token_logprobs(
     hidden [..., D] and targets [...] (global ids or ``ignore_index``) must be the same on
     every rank; weight_shard [V_r, D] and bias_shard [V_r] are this rank's rows
     ``[vocab_start, vocab_start + V_r)`` (see :func:`vocab_shard_range`; shards may differ
-    in size).  ``vocab_size`` (the full V) enables the target range check.  Same transform
+    in size).  Targets are checked against the whole vocabulary (the sum of the shards);
+    ``vocab_size``, when given, must equal that sum.  Same transform
     and numerics as :func:`sgdpo_fast.fused_token_logprobs`; returns float32 shaped like
     ``targets``.
     """
     from .logprob import fused_token_logprobs
-    from .validate import check_int, check_targets
+    from .validate import check_int
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("vocab_parallel_token_logprobs needs an initialized torch.distributed "
@@ -102,14 +119,25 @@ def vocab_parallel_token_logprobs(
     vocab_start = check_int("vocab_start", vocab_start)
     if vocab_start < 0:
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
-    if isinstance(weight_shard, torch.Tensor) and isinstance(hidden, torch.Tensor) and \
-            weight_shard.dtype != hidden.dtype:
-        raise ValueError("weight_shard must have hidden's dtype")
-    if vocab_size is not None and isinstance(targets, torch.Tensor):
-        check_targets(targets.reshape(-1), check_int("vocab_size", vocab_size), ignore_index)
+    _check_shard("weight_shard", weight_shard, hidden, 2)
+    _check_shard("bias_shard", bias_shard, hidden, 1)
+    if weight_shard.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"weight_shard has D={weight_shard.shape[-1]} but hidden has "
+                         f"D={hidden.shape[-1]}")
+    if bias_shard is not None and bias_shard.shape[0] != weight_shard.shape[0]:
+        raise ValueError(f"bias_shard must have shape [{weight_shard.shape[0]}] (the shard's "
+                         f"rows), got {tuple(bias_shard.shape)}")
+    group = group if group is not None else dist.group.WORLD
+    if vocab_size is not None:
+        total = torch.tensor([weight_shard.shape[0]], dtype=torch.int64)
+        if dist.get_backend(group) == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=group)
+        if int(total.item()) != check_int("vocab_size", vocab_size):
+            raise ValueError(f"vocab_size={vocab_size} but the group's shards hold "
+                             f"{int(total.item())} rows together")
     base = plan if plan is not None else LogprobPlan()
     return fused_token_logprobs(
         hidden, weight_shard, targets, bias=bias_shard, ignore_index=ignore_index,
         temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=backend,
-        plan=base.replace(group=group if group is not None else dist.group.WORLD,
-                          vocab_start=vocab_start))
+        plan=base.replace(group=group, vocab_start=vocab_start))
