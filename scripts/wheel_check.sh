@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# Packaging check (CI): `python -m build` makes an sdist and a wheel from it (build isolation:
-# setuptools + pybind11 only); the wheel goes into a clean venv and must run the op, the loss
-# and the CLI's --help from there, outside the source tree.
-# torch (and numpy, tqdm) come from the CI venv through a .pth file instead of a second
-# ~50 s torch install: the wheel's own files are what is checked.  Portable flags
-# (SGDPO_FAST_PORTABLE=1: no -march=native), as for a wheel meant for other machines.
+# Packaging check (CI): `python -m build` makes an sdist and then a wheel *from that sdist*
+# (build isolation: setuptools + pybind11 only), so a file the sdist forgets breaks the check.
+# The wheel goes into a clean venv that gets torch==2.13.0 (the pinned CPU build, first, so
+# no CUDA wheels are pulled) and then the wheel *with* its declared dependencies: an
+# undeclared dependency fails here.  From there, outside the source tree, it must run the op,
+# the losses and the CLI's --help.  Portable flags (SGDPO_FAST_PORTABLE=1: no
+# -march=native), as for a wheel meant for other machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+TORCH=${TORCH:-torch==2.13.0}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-SGDPO_FAST_PORTABLE=1 "$PY" -m build --sdist --wheel --outdir "$OUT/dist" . >"$OUT/build.log" 2>&1 \
+SGDPO_FAST_PORTABLE=1 "$PY" -m build --outdir "$OUT/dist" . >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
+grep -q "Building wheel from sdist\|from sdist" "$OUT/build.log" || { echo "wheel not built from the sdist"; tail -20 "$OUT/build.log"; exit 1; }
 ls "$OUT"/dist/*.tar.gz "$OUT"/dist/*.whl
 "$PY" -m venv "$OUT/venv"
-vsite=$("$OUT/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# the folders torch, numpy and tqdm of the CI venv are imported from
-"$PY" -c 'import os, numpy, torch, tqdm
-print("\n".join(sorted({os.path.dirname(os.path.dirname(m.__file__)) for m in (torch, numpy, tqdm)})))' \
-  > "$vsite/_ci_torch.pth"
-"$OUT/venv/bin/python" -m pip install -q --no-deps "$OUT"/dist/*.whl
+"$OUT/venv/bin/python" -m pip install -q "$TORCH"
+"$OUT/venv/bin/python" -m pip install -q "$OUT"/dist/*.whl
 cd "$OUT"                                        # away from the source tree
 "$OUT/venv/bin/python" - <<'PYEOF'
 import torch
@@ -43,6 +42,9 @@ out = sf.preference_loss(lp.detach(), lp.detach() - 0.1, t != -100, loss_type="s
 assert torch.isfinite(out.loss)
 import importlib.resources as r
 assert r.files("sgdpo_fast._csrc").joinpath("cuda/epilogue.cu").is_file()   # for the JIT build
+assert r.files("sgdpo_fast.ops.backends").joinpath("auto_table.json").is_file()
+assert r.files("sgdpo_fast.data").joinpath("bundled/heldout.jsonl").is_file()
+import sgdpo_fast.kernels                                                      # top-level kernels/
 print("wheel smoke: op, loss ok")
 PYEOF
 "$OUT/venv/bin/sgdpo-fast" --help >/dev/null

@@ -139,6 +139,10 @@ def test_head_transform_from_config():
     assert head_transform_from_config(T.LlamaConfig(**SMALL)) == (None, 1.0)
     assert head_transform_from_config(T.Gemma2Config(**SMALL, final_logit_softcapping=30.0))[0] == 30.0
     assert head_transform_from_config(T.GraniteConfig(**SMALL, logits_scaling=4.0)) == (None, 0.25)
+    # TRL's order: logit_scale, output_multiplier, lm_head_multiplier, logits_scaling
+    muse = T.LlamaConfig(**SMALL)
+    muse.output_multiplier = 0.196
+    assert head_transform_from_config(muse) == (None, 0.196)
     assert head_transform_from_config(T.CohereConfig(**SMALL, logit_scale=0.5,
                                                      eos_token_id=1, bos_token_id=2,
                                                      pad_token_id=0))[1] == 0.5

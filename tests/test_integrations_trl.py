@@ -8,6 +8,7 @@ vocabulary wrapped in PreTrainedTokenizerFast, with a chat template; no download
 """
 import copy
 import math
+import os
 import random
 
 import pytest
@@ -30,6 +31,10 @@ WORDS = ("the a cat dog sat on mat ran fast slow red blue big small is was and o
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return make_tokenizer()
+
+
+def make_tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for w in WORDS:
         vocab[w] = len(vocab)
@@ -66,6 +71,10 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def models_():
+    return make_models()
+
+
+def make_models():
     torch.manual_seed(SEED)
     cfg = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -326,3 +335,55 @@ def test_sgdpo_combined_with_sft_trains(models_, tokenizer, dataset, tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) and "nll_loss" in h for h in logs)
+
+
+def test_precomputed_token_reference_on_two_processes_equals_one(dataset, tmp_path):
+    """Each rank stores its chosen rows and its rejected rows: gathered across processes they
+    must land on the right dataset rows (2 CPU processes under torch.distributed.run, gloo,
+    5 examples so the last batch is uneven, against one process)."""
+    import json
+    import subprocess
+    import sys
+    from datasets import concatenate_datasets
+    data = concatenate_datasets([dataset["plain"], dataset["plain"].select([0])])
+    worker = os.path.join(os.path.dirname(__file__), "_trl_precompute_worker.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hfcache"),
+               PYTHONPATH=root)  # tests/oracle.py imports bench.baselines
+    res = {}
+    for name, launch in (("one", [sys.executable]),
+                         ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc-per-node", "2"])):
+        out = str(tmp_path / f"{name}.json")
+        data_dir = str(tmp_path / f"data-{name}")  # its own copy: no shared precompute cache
+        data.save_to_disk(data_dir)
+        p = subprocess.run(launch + [worker, data_dir, out], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(out) as f:
+            res[name] = json.load(f)
+    for col in ("ref_chosen_token_logps", "ref_rejected_token_logps"):
+        one, two = res["one"][col], res["two"][col]
+        assert [len(x) for x in two] == [len(x) for x in one], col
+        for a, b in zip(one, two):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, col
+
+
+def test_sgdpo_with_an_f_divergence_builds_and_trains(models_, tokenizer, dataset, tmp_path):
+    """TRL's DPOTrainer refuses an f-divergence for loss types outside its list ('sgdpo');
+    SGDPOTrainer checks the combination itself and keeps the configured divergence."""
+    t = _trainer(SGDPOTrainer, SGDPOConfig, models_, tokenizer, dataset["plain"], tmp_path,
+                 loss_type=["sgdpo", "sft"], loss_weights=[1.0, 0.5],
+                 f_divergence_type="js_divergence", max_steps=1)
+    assert t.f_divergence_type == "js_divergence" and t.args.f_divergence_type == "js_divergence"
+    batch = next(iter(t.get_train_dataloader()))
+    loss, grads, _ = _loss_and_grads(t, batch)
+    assert math.isfinite(loss.item()) and torch.isfinite(grads).all()
+
+
+def test_backend_names_are_checked_when_configured(tmp_path):
+    with pytest.raises(ValueError, match="fused_backend must be one of"):
+        SGDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, fused_backend="bogus",
+                    loss_type="sigmoid")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_trl("bogus")

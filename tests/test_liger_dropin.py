@@ -141,3 +141,21 @@ def test_liger_config_errors_at_construction():
         sf.FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="loss_type"):
         sf.FusedLinearDPOLoss(loss_type="kto")
+
+
+def test_mixed_list_with_label_smoothing_is_refused():
+    """Liger's convention reads label_smoothing for some types only: a combined loss of both
+    kinds cannot honour it and is refused when built."""
+    with pytest.raises(ValueError, match="label_smoothing=0.2 with loss_type"):
+        sf.FusedLinearDPOLoss(loss_type=["sigmoid", "robust"], loss_weights=[1.0, 0.0],
+                              label_smoothing=0.2)
+    sf.FusedLinearDPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
+                          label_smoothing=0.2)  # both ignore it: fine
+
+
+def test_missing_reference_names_the_liger_arguments():
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(11, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    t = torch.randint(0, 11, (4, 5), generator=g)
+    with pytest.raises(ValueError, match="ref_input .* use_ref_model=False"):
+        sf.FusedLinearDPOLoss()(w, h, t)

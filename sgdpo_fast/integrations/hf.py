@@ -196,6 +196,9 @@ def apply_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError("model must be a causal LM with an output embedding (lm_head)")
     target = unwrap_peft(model)   # a PeftModel passes fused_lm_head=True down to its model
+    from ..ops.plan import BACKENDS
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     bad = [o for o in outputs if o not in OUTPUTS]

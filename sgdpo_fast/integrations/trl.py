@@ -141,6 +141,10 @@ class SGDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        from ..ops.plan import BACKENDS
+        if self.fused_backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"fused_backend must be one of {('auto',) + BACKENDS}, got "
+                             f"{self.fused_backend!r}")
         if "sgdpo" not in self.loss_type:
             return
         from ..losses.preference import loss_type_list, validate_loss_options
@@ -255,8 +259,18 @@ class SGDPOTrainer(DPOTrainer):
         self._pilot_generators = {}
         backend = getattr(args, "fused_backend", "auto")
         only_lp = self._sgdpo and not getattr(args, "head_metrics", True)
-        with _our_head_in_dpo_init(backend, only_lp):
-            super().__init__(model, ref_model, args, *rest, **kwargs)
+        # TRL's DPOTrainer refuses a non-reverse_kl f-divergence for loss types outside its
+        # own list, 'sgdpo' among them; SGDPOConfig has checked the combination already, so
+        # TRL's __init__ sees reverse_kl and the trainer keeps the configured one
+        fdiv = args.f_divergence_type
+        if self._sgdpo and fdiv != "reverse_kl":
+            args.f_divergence_type = "reverse_kl"
+        try:
+            with _our_head_in_dpo_init(backend, only_lp):
+                super().__init__(model, ref_model, args, *rest, **kwargs)
+        finally:
+            args.f_divergence_type = fdiv
+        self.f_divergence_type = fdiv
         if self._sgdpo:
             self.data_collator = _TokenRefCollator(self.data_collator)
 
@@ -345,13 +359,15 @@ class SGDPOTrainer(DPOTrainer):
                 mask = batch["completion_mask"][:, 1:].bool()
                 with self.accelerator.autocast():
                     lp = self._ref_forward(model, kw, labels)[:, -mask.shape[1]:].float()
-                # NaN off the completion: rows of any length survive the padded gather
+                # NaN off the completion: rows of any length survive the padded gather.
+                # Each rank holds its chosen rows, then its rejected rows: split before
+                # gathering (gathered, the halves of the ranks would interleave), one gather
+                # per half so the last uneven batch is trimmed by examples
                 lp = lp.masked_fill(~mask, float("nan"))
-                lp = self.accelerator.pad_across_processes(lp, dim=1, pad_index=float("nan"))
-                lp = self.accelerator.gather_for_metrics(lp).cpu()
-                B = lp.shape[0] // 2
-                for rows, dst in ((lp[:B], chosen), (lp[B:], rejected)):
-                    dst.extend(r[~torch.isnan(r)].tolist() for r in rows)
+                for half, dst in zip(lp.chunk(2), (chosen, rejected)):
+                    half = self.accelerator.pad_across_processes(half, dim=1, pad_index=float("nan"))
+                    half = self.accelerator.gather_for_metrics(half).cpu()
+                    dst.extend(r[~torch.isnan(r)].tolist() for r in half)
             if self.accelerator.is_main_process:
                 def add(_batch, indices):
                     return {TOKEN_REF_COLUMNS[0]: [chosen[i] for i in indices],
@@ -505,7 +521,10 @@ def patch_trl(backend: str = "auto") -> None:
     Entropy stays a metric without gradient: a trainer that backpropagates a non-zero
     gradient through it gets a RuntimeError naming :func:`unpatch_trl`."""
     import trl.trainer.utils as tu
+    from ..ops.plan import BACKENDS
 
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if "_ChunkedLogProbFunction" not in _SAVED:
         _SAVED["_ChunkedLogProbFunction"] = tu._ChunkedLogProbFunction
     tu._ChunkedLogProbFunction = _ChunkedLogProbShim(backend)

@@ -230,6 +230,11 @@ class FusedLinearPreferenceLoss(nn.Module):
             with torch.no_grad():
                 ref = token_logprobs(ref_hidden.detach(), ref_weight.detach(), targets,
                                      bias=None if ref_bias is None else ref_bias.detach(), **op)[0]
+        elif needs_ref:
+            need = [t for t in types if t in formulas.NEEDS_REF]
+            raise ValueError(f"loss_type {need} needs a reference: pass ref_input (ref_hidden) "
+                             f"with ref_weight, or ref_token_logps, or build the module with "
+                             f"use_ref_model=False (reference log-probs taken as 0, as Liger does)")
 
         out = preference_loss(
             policy, ref, targets != self.ignore_index, loss_type=self.loss_type, beta=self.beta,
@@ -294,6 +299,15 @@ class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
             f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
             use_weighting=use_weighting, pairwise_impl=pairwise_impl)
+        types = loss_type_list(loss_type)
+        if label_smoothing and len(types) > 1 and any(t in LIGER_IGNORES_SMOOTHING for t in types) \
+                and not all(t in LIGER_IGNORES_SMOOTHING for t in types):
+            ignored = [t for t in types if t in LIGER_IGNORES_SMOOTHING]
+            raise ValueError(
+                f"label_smoothing={label_smoothing} with loss_type {list(types)}: Liger's convention "
+                f"ignores it for {ignored} and applies it to the others; one value cannot serve "
+                f"both in one combined loss (use label_smoothing=0, or FusedLinearPreferenceLoss, "
+                f"which applies it to every type that reads it)")
         self.alpha = alpha                        # Liger's attributes, as Liger sets them
         self.compute_nll_loss = compute_nll_loss
         self.compiled = compiled

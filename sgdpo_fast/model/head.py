@@ -27,11 +27,16 @@ __all__ = ["HeadOutput", "causal_lm_logprobs", "head_transform_from_config", "un
 
 def head_transform_from_config(config) -> Tuple[Optional[float], float]:
     """``(softcap, logit_scale)`` the model applies to ``lm_head(h)``, from its config:
-    ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere), ``lm_head_multiplier``
-    (Falcon-H1), ``logits_scaling`` (Granite: logits are divided by it)."""
+    ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere), ``output_multiplier``
+    (Muse Glimmer / Spark), ``lm_head_multiplier`` (Falcon-H1), ``logits_scaling`` (Granite:
+    logits are divided by it), looked up in that order as TRL does."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(cfg, "final_logit_softcapping", None)
+    # TRL 1.16's add_fused_lm_head order: logit_scale, output_multiplier, lm_head_multiplier,
+    # logits_scaling
     scale = getattr(cfg, "logit_scale", None)                     # Cohere: logits * scale
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)           # Muse Glimmer / Spark
     if scale is None:
         scale = getattr(cfg, "lm_head_multiplier", None)          # Falcon-H1: logits * m
     if scale is None and getattr(cfg, "logits_scaling", None) is not None:
