@@ -16,6 +16,12 @@ Offline by default: the Hugging Face offline switches are set before any Hugging
 library is imported; ``--online`` (train, sgpo, eval) allows ``hf:`` datasets to be
 downloaded.
 
+Several processes: start the same command under ``torchrun`` or ``accelerate launch``
+(``torchrun --nproc-per-node 8 -m sgdpo_fast.cli train ...``); each process reads its place
+from the launcher's environment, ``train`` and ``sgpo`` then run data-parallel (DDP, or FSDP2
+with ``--parallel fsdp``), generation is sharded, and rank 0 alone writes files and prints
+(docs/multi_gpu.md).  ``eval`` runs in one process.
+
 Exit codes: 0 done; 2 a user error (a flag out of range, bad data, no model folder, a run
 folder that does not fit), reported in one line on stderr; 1 the run failed (a non-finite
 loss, gradient or weight; a failed write such as a full disk), also one line; 130
@@ -36,11 +42,15 @@ _UNSET = object()  # a flag that was not given
 # TrainConfig fields with a --flag of their own (parsed and range-checked by config.RULES)
 _TRAIN_FLAGS = (
     "loss_type", "beta", "label_smoothing", "pilot_ratio_chosen", "pilot_ratio_rejected",
-    "pilot_mode", "simpo_gamma", "nll_alpha", "reference", "lr", "weight_decay", "warmup_ratio",
+    "pilot_mode", "simpo_gamma", "nll_alpha", "discopop_tau", "ld_alpha", "f_divergence_type",
+    "f_alpha_divergence_coef", "reference", "lr", "weight_decay", "warmup_ratio",
     "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
     "max_prompt_length", "seed", "save_every", "keep_checkpoints", "backend", "system_prompt",
+    "parallel",
 )
 _SWITCHES = ("pilot_grad", "gradient_checkpointing", "bf16", "progress")
+# flags of `sgpo` that apply to both training stages (no --improver- twin)
+_SHARED = ("parallel",)
 
 
 class _UsageError(Exception):
@@ -77,8 +87,12 @@ def _add_model(ap):
 def _add_train_flags(ap, prefix=""):
     g = ap.add_argument_group(f"{prefix or 'training'} options (TrainConfig)")
     for name in _TRAIN_FLAGS:
+        if prefix and name in _SHARED:
+            continue  # set once for both SGPO stages
         rule = RULES[name]
-        extra = " ('none': no clipping)" if name == "max_grad_norm" else ""
+        extra = {"max_grad_norm": " ('none': no clipping)",
+                 "ld_alpha": " ('none': no LD-DPO weighting)",
+                 "parallel": " (several processes: per-rank batch x ranks x accumulation)"}.get(name, "")
         g.add_argument(f"--{prefix}{name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{name}",
                        type=_typed(rule), default=_UNSET, metavar=name.upper(),
                        help=f"{rule.describe()}; default {getattr(TrainConfig, name)!r}{extra}")
@@ -99,23 +113,62 @@ def _train_config(args, prefix="", base: TrainConfig = None) -> TrainConfig:
 
 def _device(args):
     import torch
+    from . import distributed
     if not args.device:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{distributed.local_rank()}" if distributed.world() > 1 else "cuda"
     try:
         dev = torch.device(args.device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is None and distributed.world() > 1:
+        return f"cuda:{distributed.local_rank()}"  # one device per process
     return args.device
 
 
-def _load_for_training(args):
-    """fp32 master weights: AdamW updates of bf16 weights would round most small steps
-    away (lr 5e-7); on CUDA the compute runs in bf16 through autocast (``--bf16``)."""
+def _start_processes(args) -> None:
+    """Under a launcher (WORLD_SIZE > 1): join the process group (gloo on CPU, NCCL + gloo on
+    CUDA) before anything is loaded; one process: nothing."""
     import torch
+    from . import distributed
+    try:
+        n = distributed.launched()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if n > 1:
+        want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            kind = torch.device(want).type
+        except (RuntimeError, ValueError):
+            kind = "cpu"  # _device() reports the bad --device
+        try:
+            distributed.init_from_env(kind)
+        except ValueError as e:  # the launcher's environment is incomplete
+            raise ConfigError(str(e)) from None
+
+
+def _main_prints(*a, **kw) -> None:
+    from . import distributed
+    if distributed.is_main():
+        print(*a, **kw)
+
+
+def _load_for_training(args, sharded_training_only: bool = False):
+    """fp32 master weights: AdamW updates of bf16 weights would round most small steps
+    away (lr 5e-7); on CUDA the compute runs in bf16 through autocast (``--bf16``).
+    ``sharded_training_only`` (``train --parallel fsdp`` with several processes): the model is
+    loaded on the CPU, since training runs on its sharded twin on the GPU
+    (``trainer/parallel.py``)."""
+    import torch
+    from . import distributed
     from .model.loading import load_model
-    return load_model(args.model, device=_device(args), dtype=torch.float32)
+    dev = _device(args)
+    if sharded_training_only and distributed.world() > 1:
+        dev = "cpu"
+    return load_model(args.model, device=dev, dtype=torch.float32)
 
 
 def _cmd_train(args):
@@ -126,9 +179,9 @@ def _cmd_train(args):
     check_start(args.out, args.resume, args.overwrite)  # before loading anything
     load = load_sft if cfg.loss_type == "sft" else load_preferences
     records = load(args.data, online=args.online)
-    model, tok = _load_for_training(args)
+    model, tok = _load_for_training(args, sharded_training_only=cfg.parallel == "fsdp")
     res = train(model, tok, records, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: res[k] for k in ("steps", "metrics", "plot", "final")}, indent=1))
+    _main_prints(json.dumps({k: res[k] for k in ("steps", "metrics", "plot", "final")}, indent=1))
     return 0
 
 
@@ -145,14 +198,15 @@ def _cmd_sgpo(args):
         raise ConfigError(f"--improver-loss-type must be sft, got {imp.loss_type!r}")
     # machinery flags apply to both training stages
     imp = imp.replace(gradient_checkpointing=pref.gradient_checkpointing, bf16=pref.bf16,
-                      progress=pref.progress)
+                      progress=pref.progress, parallel=pref.parallel)
     try:
         cfg = SGPOConfig(iterations=args.iterations, n_improver_prompts=args.improver_prompts,
                          n_pref_prompts=args.pref_prompts, policy_mix=args.policy_mix,
                          tukey_k=args.tukey_k, max_similarity=args.max_similarity, seed=pref.seed,
                          gen=GenConfig(max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, batch_size=args.gen_batch_size,
-                                       seed=pref.seed, progress=pref.progress).validate(),
+                                       seed=pref.seed, progress=pref.progress,
+                                       backend=args.gen_backend).validate(),
                          drop_truncated=not args.keep_truncated,
                          improver_train=imp, pref_train=pref).validate()
     except ValueError as e:
@@ -165,11 +219,14 @@ def _cmd_sgpo(args):
     model, tok = _load_for_training(args)
     summaries = run_sgpo(model, tok, records, cfg, args.out, resume=args.resume)
     final = os.path.join(args.out, "final")
-    write_folder(final, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    from . import distributed
+    if distributed.is_main():
+        write_folder(final, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    distributed.barrier()
     for s in summaries:
-        print(f"iteration {s['iteration']}: {s['kept']}/{s['candidates']} pairs kept "
-              f"{s['decisions']}")
-    print(f"model: {final}")
+        _main_prints(f"iteration {s['iteration']}: {s['kept']}/{s['candidates']} pairs kept "
+                     f"{s['decisions']}")
+    _main_prints(f"model: {final}")
     return 0
 
 
@@ -178,7 +235,10 @@ def _cmd_eval(args):
     from .evaluate import evaluate, format_table
     from .model.generation import GenConfig
     from .model.loading import load_model
+    from . import distributed
 
+    if distributed.launched() > 1:
+        raise ConfigError("eval runs in one process: start it without torchrun / accelerate launch")
     gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size).validate()
     records = load_sft(args.data, online=args.online)
     if args.limit is not None:
@@ -225,6 +285,9 @@ def _parser():
     s.add_argument("--max-new-tokens", type=_typed(_POS_INT), default=64)
     s.add_argument("--temperature", type=_typed(Rule("float", lo=0)), default=0.0)
     s.add_argument("--gen-batch-size", type=_typed(_POS_INT), default=16)
+    s.add_argument("--gen-backend", choices=("hf", "vllm", "auto"), default="hf",
+                   help="generation: hf (transformers generate, the default and the tested one), "
+                        "vllm (needs vLLM and a GPU), auto (vllm when usable, else hf)")
     _add_train_flags(s)
     _add_train_flags(s, "improver-")
 
@@ -266,8 +329,13 @@ def main(argv=None):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, _term)
     where = f"sgdpo-fast {args.command}"
+    from . import distributed
+    rc = 1
     try:
-        return {"train": _cmd_train, "sgpo": _cmd_sgpo, "eval": _cmd_eval}[args.command](args)
+        if args.command != "eval":
+            _start_processes(args)
+        rc = {"train": _cmd_train, "sgpo": _cmd_sgpo, "eval": _cmd_eval}[args.command](args)
+        return rc
     except (DataError, ConfigError, ModelFolderError, RunFolderError) as e:
         print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -279,6 +347,7 @@ def main(argv=None):
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        distributed.destroy(wait=rc == 0)  # after a failure, no barrier the others may never reach
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from oracle import logprob_oracle
 PKG = pathlib.Path(sf.__file__).parent
 # layer of each top-level part of the package (docs/design.md draws the same picture);
 # a module may import its own layer and the layers below it
-LAYERS = {"kernels": 0, "ops": 0, "losses": 1, "model": 2, "data": 2,
+LAYERS = {"kernels": 0, "ops": 0, "losses": 1, "model": 2, "data": 2, "distributed": 2,
           "trainer": 3, "sgpo": 4, "evaluate": 4, "integrations": 4, "cli": 5}
 
 

@@ -140,7 +140,7 @@ def test_sgpo_iteration_pairs_and_filters(tok, tmp_path, monkeypatch):
     assert s["kept"] == len(kept) >= 3
     # improver examples: 8 improver prompts with the model's drafts + 8 plain policy examples
     assert s["improver_examples"] == 16 and s["preference"]["steps"] == 2
-    assert os.path.isfile(os.path.join(d, "preference", "weights.pt"))
+    assert os.path.isfile(os.path.join(d, "preference", "weights.safetensors"))
     assert not os.path.exists(os.path.join(d, "preference", "checkpoints"))
     assert any(not torch.equal(v, w0[k]) for k, v in model.state_dict().items())
     assert calls == ["iter 0: drafts", "iter 0: answers", "iter 0: improve"]

@@ -175,6 +175,13 @@ def _head_method(self, hidden, targets, kw):
     return head_logprobs_and_metrics(hidden, weight, targets, bias=bias, **kw)
 
 
+def _fsdp_head_method(self, hidden, targets, kw):
+    # FSDP2 warns about a view returned by a unit (an in-place op on it would skip its
+    # pre-backward hook): return the [N] log-probs as a tensor of their own
+    lp, met = _head_method(self, hidden, targets, kw)
+    return (lp.clone() if lp._base is not None else lp), met
+
+
 _FSDP_METHOD = "_sgdpo_fast_logprobs"
 
 
@@ -191,7 +198,7 @@ def head_module_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets
     if _is_fsdp_module(lm_head):
         if _FSDP_METHOD not in lm_head.__dict__:
             from torch.distributed.fsdp import register_fsdp_forward_method
-            setattr(lm_head, _FSDP_METHOD, _head_method.__get__(lm_head, type(lm_head)))
+            setattr(lm_head, _FSDP_METHOD, _fsdp_head_method.__get__(lm_head, type(lm_head)))
             register_fsdp_forward_method(lm_head, _FSDP_METHOD)
         return getattr(lm_head, _FSDP_METHOD)(hidden, targets, kw)
     return _head_method(lm_head, hidden, targets, kw)

@@ -18,9 +18,13 @@ killed run resumes where it stopped (``resume=True``) and can be inspected:
                          (chosen = improved, rejected = original).
 5. ``preference/``       DPO or SGDPO on the kept pairs (``pref_train.loss_type``).
 
-A finished training stage leaves ``weights.pt`` (the model after it) and
+A finished training stage leaves ``weights.safetensors`` (the model after it) and
 ``DONE``; its intermediate checkpoints are deleted.  An iteration with no kept
 pair skips stage 5 (the summary says so).
+
+Under ``torchrun`` / ``accelerate launch`` every rank runs this loop: generation and the
+perplexity pass are sharded over the ranks, training is data-parallel, rank 0 writes the
+files (``sharded.py``).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from ..model.generation import GenConfig, generate
 from ..model.chat import chat_prompt
 from ..trainer import TrainConfig, train
 from ..trainer.batches import answer_mask, collate, encode, token_logps
+from . import sharded
 from .filters import decide
 from .prompts import IMPROVER_TEMPLATE, improver_prompt, policy_prompt
 
@@ -111,28 +116,13 @@ def _mark_done(d, info: dict):
 
 
 def _train_stage(model, tokenizer, records, cfg: TrainConfig, d: str, resume: bool) -> dict:
-    """A training stage that survives interruption: its trainer checkpoints in ``d``; when
-    it finishes, ``weights.pt`` holds the model and the checkpoints are removed."""
-    if _done(d):
-        model.load_state_dict(torch.load(os.path.join(d, "weights.pt")))
-        with open(os.path.join(d, "DONE")) as f:
-            return json.load(f)
-    res = train(model, tokenizer, records, cfg, d, resume=resume)
-    tmp = os.path.join(d, "weights.pt.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, os.path.join(d, "weights.pt"))
-    info = {"steps": res["steps"], "last": res["last"]}
-    _mark_done(d, info)  # first DONE, then the checkpoints go: a kill in between loses nothing
-    shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)
-    return info
+    """A training stage that survives interruption (``sharded.train_stage``: its trainer
+    checkpoints in ``d``; when it finishes, ``weights.safetensors`` holds the model)."""
+    return sharded.train_stage(model, tokenizer, records, cfg, d, resume, train)
 
 
 def _cached_jsonl(path: str, make):
-    if os.path.isfile(path):
-        return read_jsonl(path)
-    recs = make()
-    write_jsonl(path, recs)
-    return recs
+    return sharded.cached_jsonl(path, make)
 
 
 def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
@@ -150,8 +140,10 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         if any(n.startswith("iter-") for n in os.listdir(out_dir)):
             raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume) "
                              f"or choose another folder")
-    with open(os.path.join(out_dir, "sgpo_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1, default=str)
+    sharded.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    if sharded.is_main():
+        with open(os.path.join(out_dir, "sgpo_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1, default=str)
     rng = random.Random(cfg.seed)
     sys_p = cfg.pref_train.system_prompt
     summaries = []
@@ -166,7 +158,7 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         if cfg.n_pref_prompts is not None:
             prefs = rng_it.sample(prefs, min(cfg.n_pref_prompts, len(prefs)))
         def gen(stage):  # a distinct sampling seed per iteration and stage
-            return replace(cfg.gen, seed=cfg.gen.seed + 1000 * it + stage)
+            return replace(cfg.gen, seed=cfg.gen.seed + 1000 * it + stage, distributed=True)
 
         def pol(texts):
             return [chat_prompt(tokenizer, policy_prompt(t), sys_p) for t in texts]
@@ -198,9 +190,9 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
             better, b_done = generate(model, tokenizer, imp(ps, orig), gen(2),
                                       desc=f"iter {it}: improve", with_finished=True)
             pt = cfg.pref_train
-            ppl = answer_perplexity(model, tokenizer, ps, better, system=sys_p,
-                                    max_length=pt.max_length, max_prompt_length=pt.max_prompt_length,
-                                    backend=pt.backend)
+            ppl = sharded.map_batches(list(zip(ps, better)), 8, lambda b: answer_perplexity(
+                model, tokenizer, [p for p, _ in b], [a for _, a in b], system=sys_p,
+                max_length=pt.max_length, max_prompt_length=pt.max_prompt_length, backend=pt.backend))
             return [{"prompt": p, "original": o, "improved": b, "ppl": q if math.isfinite(q) else None,
                      "original_finished": od, "improved_finished": bd}
                     for p, o, b, q, od, bd in zip(ps, orig, better, ppl, o_done, b_done)]
@@ -215,10 +207,10 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         fin = lambda x: x if math.isfinite(x) else None  # JSON has no infinities
         decided = [dict(c, kept=r == "kept", reason=r, fence_lo=fin(lo), fence_hi=fin(hi))
                    for c, r in zip(cands, reasons)]
-        write_jsonl(os.path.join(d, "pairs.jsonl"), decided)
+        sharded.write_jsonl(os.path.join(d, "pairs.jsonl"), decided)
         kept = [{"prompt": c["prompt"], "chosen": c["improved"], "rejected": c["original"]}
                 for c in decided if c["kept"]]
-        write_jsonl(os.path.join(d, "kept.jsonl"), kept)
+        sharded.write_jsonl(os.path.join(d, "kept.jsonl"), kept)
         counts = {r: reasons.count(r) for r in sorted(set(reasons))}
         # 5. preference optimization on the kept pairs
         pref_info = None
@@ -230,7 +222,8 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
                    "candidates": len(cands), "kept": len(kept), "decisions": counts,
                    "fences": [fin(lo), fin(hi)], "preference": pref_info,
                    "note": None if kept else "no pair survived the filters: no preference step"}
-        with open(os.path.join(d, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        if sharded.is_main():
+            with open(os.path.join(d, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
         summaries.append(summary)
     return summaries

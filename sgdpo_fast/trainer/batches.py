@@ -115,7 +115,17 @@ def answer_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def token_logps(model, batch, backend: str = "auto") -> torch.Tensor:
     """Per-token log-probs [B, T-1] (fp32, 0 off the answer) of a Hugging Face causal LM,
-    through the fused head (``model.head.causal_lm_logprobs``: no full logits)."""
+    through the fused head (``model.head.causal_lm_logprobs``: no full logits).  ``model`` may
+    also be the trainer's :class:`parallel.LogprobModule` (itself, under DDP, or its FSDP2
+    twin), which is then called (with its own backend), so the wrapper's hooks run."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .parallel import LogprobModule
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(inner, LogprobModule):
+        dev = inner.device
+        return model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                     batch["labels"].to(dev))
     dev = model.get_output_embeddings().weight.device
     return causal_lm_logprobs(model, input_ids=batch["input_ids"].to(dev),
                               attention_mask=batch["attention_mask"].to(dev),

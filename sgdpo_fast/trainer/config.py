@@ -134,6 +134,10 @@ class TrainConfig:
     pilot_grad: bool = False
     simpo_gamma: float = 0.5
     nll_alpha: float = 0.0
+    discopop_tau: float = 0.05        # discopop's temperature (TRL's)
+    ld_alpha: Optional[float] = None  # LD-DPO: weight of answer tokens past the pair's shared length
+    f_divergence_type: str = "reverse_kl"   # f-DPO (TRL's): reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5    # alpha of f_divergence_type="alpha_divergence"
     reference: str = "precompute"     # precompute (per-token ref log-probs once) | copy (frozen model)
     # optimization
     lr: float = 5e-7
@@ -154,6 +158,7 @@ class TrainConfig:
     bf16: Optional[bool] = None       # None: bf16 autocast on CUDA, off on CPU
     gradient_checkpointing: bool = False
     backend: str = "auto"             # log-prob op backend
+    parallel: str = "ddp"             # several processes (torchrun / accelerate launch): ddp | fsdp (FSDP2)
     save_every: int = 50              # checkpoint every K optimizer steps (0: only at the end)
     keep_checkpoints: int = 2         # 0: keep all
     save_final: bool = True           # save_pretrained the final model to <out>/final
@@ -174,7 +179,10 @@ class TrainConfig:
                     loss_type_list(self.loss_type), beta=self.beta,
                     label_smoothing=self.label_smoothing, r1=self.pilot_ratio_chosen,
                     r2=self.pilot_ratio_rejected, pilot_mode=self.pilot_mode,
-                    simpo_gamma=self.simpo_gamma, nll_alpha=self.nll_alpha)
+                    simpo_gamma=self.simpo_gamma, nll_alpha=self.nll_alpha,
+                    discopop_tau=self.discopop_tau, ld_alpha=self.ld_alpha,
+                    f_divergence_type=self.f_divergence_type,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return self
@@ -196,6 +204,10 @@ RULES = MappingProxyType({
     "pilot_grad": _BOOL,
     "simpo_gamma": _FLOAT,
     "nll_alpha": _NONNEG,
+    "discopop_tau": _POS,
+    "ld_alpha": Rule("float", lo=0, hi=1, none=True),
+    "f_divergence_type": Rule("choice", choices=tuple(formulas.F_DIVERGENCES)),
+    "f_alpha_divergence_coef": _FLOAT,
     "reference": Rule("choice", choices=("precompute", "copy")),
     "lr": _POS,
     "weight_decay": _NONNEG,
@@ -212,6 +224,7 @@ RULES = MappingProxyType({
     "bf16": _OPT_BOOL,
     "gradient_checkpointing": _BOOL,
     "backend": Rule("choice", choices=("auto",) + tuple(BACKENDS)),
+    "parallel": Rule("choice", choices=("ddp", "fsdp")),
     "save_every": _NONNEG_INT,
     "keep_checkpoints": _NONNEG_INT,
     "save_final": _BOOL,

@@ -109,6 +109,13 @@ def write_folder(path: str, fill: Callable[[str], None]) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return commit_folder(tmp, path)
+
+
+def commit_folder(tmp: str, path: str) -> str:
+    """Rename the complete folder ``tmp`` to ``path``, replacing an older ``path`` only once
+    ``tmp`` is in place (the second half of :func:`write_folder`)."""
+    old = path + ".old"
     with writing(path):
         if os.path.isdir(path):
             shutil.rmtree(old, ignore_errors=True)

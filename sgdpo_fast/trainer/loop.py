@@ -20,10 +20,22 @@ A non-finite loss, gradient norm or parameter stops the run with ``NonFiniteErro
 naming the step, before that step is logged or saved.
 
 Data order: epoch ``e`` visits the examples in ``randperm(n)`` drawn from a
-generator seeded with ``(seed, e)``; optimizer step ``s`` of that epoch takes
-micro-batches ``s*accum ... s*accum + accum - 1``.  The step number therefore
-fixes the data position, and a resumed run replays exactly what an uninterrupted
-one would have done.
+generator seeded with ``(seed, e)``; optimizer step ``s`` of that epoch takes the next
+*global batch* of ``batch_size x ranks x grad_accum`` examples of that order, and rank ``r``
+computes, at micro-step ``k``, the ``batch_size`` examples at position ``(k x ranks + r) x
+batch_size`` of it (one process: micro-batches ``s*accum ... s*accum + accum - 1``).  The
+step number therefore fixes the data position, and a resumed run replays exactly what an
+uninterrupted one would have done.
+
+Several processes (``torchrun`` / ``accelerate launch``; ``parallel.py``): DDP, or FSDP2 with
+``parallel="fsdp"``.  Every rank runs the same number of micro-steps (a rank left without
+examples at the end of an epoch makes a weight-0 pass); a step's loss is normalized by the
+whole global batch (``objectives.py``), so the weights equal one process's at the same
+global batch up to float rounding.  Rank 0 alone writes ``config.json``, metrics, the plot,
+the reference file, checkpoints (FSDP2: every rank writes its shards) and ``final/``; the
+folder must be on a filesystem every rank sees.  A stop request (Ctrl-C, SIGTERM, which
+the launcher forwards) is agreed on by all ranks at the end of a step, so they all save
+the same step.
 """
 from __future__ import annotations
 
@@ -39,11 +51,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .. import distributed
 from . import run_folder
-from .checkpoint import (find_resumable, load_checkpoint, save_checkpoint, set_aside,
-                         training_state)
-from .config import TrainConfig
+from .checkpoint import (find_resumable, load_checkpoint, load_sharded_checkpoint,
+                         save_checkpoint, set_aside, sharded_training_state, training_state)
+from .config import ConfigError, TrainConfig
 from .files import write_folder, write_json, write_text, writing
+from .parallel import Parallel, check_layout
 from .plot import plot_metrics
 from .run_folder import RunFolderError
 
@@ -55,7 +69,13 @@ class NonFiniteError(FloatingPointError):
 
 
 def _warn(msg: str) -> None:
-    print(f"[sgdpo_fast] warning: {msg}", file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(f"[sgdpo_fast] warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _say(msg: str) -> None:
+    if distributed.is_main():
+        print(msg, flush=True)
 
 
 class _StopRequest:
@@ -110,9 +130,27 @@ class Trainer:
         self.cfg = cfg.validate()
         self.out = out_dir
         self.callbacks = list(callbacks)
+        distributed.init_from_env(next(model.parameters()).device.type)
+        self.par = Parallel(cfg.parallel)
+        if self.par.sharded:
+            try:
+                check_layout(model, cfg.parallel)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if getattr(objective, "needs_ref", False) and cfg.reference == "copy":
+                raise ConfigError("reference='copy' keeps a whole frozen model on every rank, which "
+                                  "parallel='fsdp' is meant to avoid: use reference='precompute' "
+                                  "(the default)")
+        self.module = None
         self.device = next(model.parameters()).device
-        n_micro = math.ceil(len(objective) / cfg.batch_size)
-        self.steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+        if (self.par.kind == "ddp" and self.device.type == "cuda"
+                and self.device.index != torch.cuda.current_device()):
+            raise ConfigError(f"the model is on {self.device} but this process's GPU is "
+                              f"cuda:{torch.cuda.current_device()} (LOCAL_RANK): move the model "
+                              f"there (one GPU per process)")
+        self.world = self.par.world
+        self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
+        self.steps_per_epoch = math.ceil(len(objective) / self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -123,36 +161,43 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.obj), generator=g).tolist()
 
-    def micro_batches(self, step: int) -> List[List[int]]:
-        """The example indices of each micro-batch of optimizer step ``step`` (0-based)."""
+    def step_examples(self, step: int) -> List[int]:
+        """The example indices of optimizer step ``step`` (0-based) over all ranks: the next
+        global batch of its epoch's order."""
         epoch, j = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)
-        bs, acc = self.cfg.batch_size, self.cfg.grad_accum
-        out = []
-        for k in range(j * acc, (j + 1) * acc):
-            idx = order[k * bs:(k + 1) * bs]
-            if idx:
-                out.append(idx)
-        return out
+        g = self.global_batch
+        return self._order(epoch)[j * g:(j + 1) * g]
+
+    def micro_batches(self, step: int, rank: Optional[int] = None) -> List[List[int]]:
+        """The example indices of each micro-batch of optimizer step ``step`` on ``rank``
+        (default: this process).  Every rank gets the same number of micro-batches; an empty
+        one (the end of an epoch) is run as a weight-0 pass, so collectives stay in step."""
+        ex = self.step_examples(step)
+        bs, w = self.cfg.batch_size, self.world
+        r = self.par.rank if rank is None else rank
+        n_micro = math.ceil(len(ex) / (bs * w))
+        return [ex[(k * w + r) * bs:(k * w + r + 1) * bs] for k in range(n_micro)]
 
     # pieces ---------------------------------------------------------------------------------
     def _optimizer(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.par.params()
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
                                 weight_decay=self.cfg.weight_decay)
         warm = int(round(self.cfg.warmup_ratio * self.total_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warm, self.total_steps))
         return opt, sched
 
+    def _bf16(self, device: torch.device) -> bool:
+        return self.cfg.bf16 if self.cfg.bf16 is not None else device.type == "cuda"
+
     def _autocast(self):
-        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
-        if bf16:
+        if self._bf16(self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _truncate_metrics(self, upto: int) -> None:
         """Drop metric lines of steps after ``upto`` (recorded after the checkpoint)."""
-        if not os.path.isfile(self.metrics_path):
+        if not self.par.main or not os.path.isfile(self.metrics_path):
             return
         keep = []
         with open(self.metrics_path) as f:
@@ -165,12 +210,20 @@ class Trainer:
         write_text(self.metrics_path, "".join(keep))
 
     def _save(self, step, opt, sched):
-        path = save_checkpoint(self.out, step, training_state(self.model, opt, sched, self.generator),
-                               self._record, keep=self.cfg.keep_checkpoints)
+        """A checkpoint of ``step`` (every rank calls it: the random states are gathered, and
+        under FSDP2 every rank writes its shards)."""
+        if self.par.sharded:
+            state, sharded = sharded_training_state(self.module, opt, sched, self.generator)
+        else:
+            state, sharded = training_state(self.model, opt, sched, self.generator), None
+        path = save_checkpoint(self.out, step, state, self._record,
+                               keep=self.cfg.keep_checkpoints, sharded=sharded)
         self._last_ckpt = path
         return path
 
     def _plot(self):
+        if not self.par.main:
+            return self.plot_path
         with writing(self.plot_path):
             return plot_metrics(self.metrics_path, self.plot_path, self._title())
 
@@ -188,7 +241,7 @@ class Trainer:
         for rec, where in ((meta, path), (stored, os.path.join(self.out, run_folder.CONFIG_FILE))):
             if rec is not None and not problems:
                 problems = [f"{p} (recorded in {where})" for p in run_folder.mismatch(
-                    rec, record["fingerprints"], self.cfg)]
+                    rec, record["fingerprints"], self.cfg, self.world)]
         if problems:
             raise RunFolderError(f"cannot resume {self.out}: " + "; ".join(problems) +
                                  ". Resume with the run's own data, model and settings, or "
@@ -205,45 +258,75 @@ class Trainer:
         run_folder.check_start(self.out, resume, overwrite)
         record = {"objective": self.obj.name, "n_examples": len(self.obj),
                   "total_steps": self.total_steps, **self.cfg.to_dict(),
+                  "world_size": self.world, "global_batch": self.global_batch,
                   "fingerprints": self.fingerprints(), "settings": run_folder.settings(self.cfg)}
         ckpt, bad = self._resume_point(record) if resume else (None, [])
+        distributed.barrier()  # every rank has read the folder before rank 0 changes it
         # ---- everything is validated: from here on the folder changes ----
+        main = self.par.main
         if not resume:
-            run_folder.clear_run(self.out)  # only the trainer's own files, and only now
-            torch.manual_seed(self.cfg.seed)  # dropout etc.: a fresh run is reproducible
-        os.makedirs(self.out, exist_ok=True)
-        for path in bad:
-            _warn(f"damaged checkpoint {path} kept as {set_aside(path)}")
-        self._record = {"fingerprints": record["fingerprints"], "settings": record["settings"]}
-        write_json(os.path.join(self.out, run_folder.CONFIG_FILE), record)
+            if main:
+                run_folder.clear_run(self.out)  # only the trainer's own files, and only now
+            torch.manual_seed(self.cfg.seed + self.par.rank)  # dropout etc.: reproducible
+        if main:
+            os.makedirs(self.out, exist_ok=True)
+            for path in bad:
+                _warn(f"damaged checkpoint {path} kept as {set_aside(path)}")
+        self._record = {"fingerprints": record["fingerprints"], "settings": record["settings"],
+                        "world_size": self.world}
+        if main:
+            write_json(os.path.join(self.out, run_folder.CONFIG_FILE), record)
+        distributed.barrier()
         if self.cfg.gradient_checkpointing:
-            en = getattr(self.model, "activation_checkpointing_enable", None) or \
-                self.model.gradient_checkpointing_enable
-            en()
+            en = getattr(self.model, "activation_checkpointing_enable", None)
+            if en is not None:
+                en()
+            elif self.world > 1:  # reentrant checkpointing and DDP's hooks do not mix
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable()
+        train_dev = distributed.device() if self.par.sharded else self.device
+        self.module = self.par.wrap(self.model, self.cfg.backend, self._bf16(train_dev))
+        self.device = self.par.device
+        try:
+            return self._run(resume, record, ckpt)
+        finally:
+            self.par.release()
+            self.module = None
+
+    def _run(self, resume: bool, record: dict, ckpt) -> dict:
+        main = self.par.main
         # the reference comes from the model as loaded, before a checkpoint replaces its
         # weights, computed under the same autocast as the policy
         with self._autocast():
-            self.obj.prepare(self.model, self.out, record["fingerprints"]["model"])
+            self.obj.prepare(self.model, self.out, record["fingerprints"]["model"],
+                             module=self.par.inference_module(),
+                             collective=self.par.collective_forward)
+        self.par.settle()
         opt, sched = self._optimizer()
         step = 0
         self._last_ckpt = None
         if ckpt is not None:
-            step = load_checkpoint(ckpt, self.model, opt, sched, self.generator, verify=False)["step"]
+            load = load_sharded_checkpoint if self.par.sharded else load_checkpoint
+            target = self.module if self.par.sharded else self.model
+            step = load(ckpt, target, opt, sched, self.generator, verify=False)["step"]
             self._last_ckpt = ckpt
-            print(f"[sgdpo_fast] resumed from {ckpt} (step {step}/{self.total_steps})", flush=True)
+            _say(f"[sgdpo_fast] resumed from {ckpt} (step {step}/{self.total_steps})")
         self._truncate_metrics(step)
         last_saved = step
-        self.model.train()
+        self.module.train()
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=step, desc=f"train {self.cfg.loss_type}",
-                       disable=not self.cfg.progress, dynamic_ncols=True)
+                       disable=not (self.cfg.progress and main), dynamic_ncols=True)
         except ImportError:  # pragma: no cover
             bar = None
         t0 = time.perf_counter()
         last = {}
         stop = _StopRequest()
         clean = True  # between steps: weights, optimizer, step count and metrics agree
+        agreed = False  # every rank stops after the same step (several processes)
         try:
             stop.install()
             while step < self.total_steps:
@@ -251,8 +334,9 @@ class Trainer:
                 last = self._step(step, opt, sched)
                 last.update(step=step + 1, epoch=step // self.steps_per_epoch,
                             elapsed_s=round(time.perf_counter() - t0, 3))
-                with writing(self.metrics_path), open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                if main:
+                    with writing(self.metrics_path), open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
                 step += 1
                 clean = True
                 if bar is not None:
@@ -264,16 +348,18 @@ class Trainer:
                     self._plot()
                 for cb in self.callbacks:
                     cb(step, last)
-                if stop.requested and step < self.total_steps:
+                requested = stop.requested if self.world == 1 else distributed.any_rank(stop.requested)
+                if requested and step < self.total_steps:
+                    agreed = True
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if clean and step > last_saved:
+            # several processes: only a stop all ranks agreed on can save (a collective)
+            if clean and step > last_saved and (self.world == 1 or agreed):
                 path = self._save(step, opt, sched)
-                print(f"\n[sgdpo_fast] interrupted: saved {path}; continue with --resume",
-                      flush=True)
-            elif not clean:
-                print(f"\n[sgdpo_fast] interrupted inside step {step + 1}: nothing saved since "
-                      f"step {last_saved}; continue with --resume", flush=True)
+                _say(f"\n[sgdpo_fast] interrupted: saved {path}; continue with --resume")
+            elif not clean or step > last_saved:
+                _say(f"\n[sgdpo_fast] interrupted inside step {step + 1}: nothing saved since "
+                     f"step {last_saved}; continue with --resume")
             raise
         finally:
             stop.restore()
@@ -282,10 +368,13 @@ class Trainer:
         if step > last_saved or self._last_ckpt is None:
             self._save(step, opt, sched)
         plot = self._plot()
+        self.par.write_back()  # FSDP2: the trained weights into the caller's model
         final = None
         if self.cfg.save_final:
             final = os.path.join(self.out, "final")
-            write_folder(final, self._save_final)
+            if main:
+                write_folder(final, self._save_final)
+            distributed.barrier()
         if not last:  # resumed a finished run: report its last logged step
             rows = [l for l in open(self.metrics_path)] if os.path.isfile(self.metrics_path) else []
             last = json.loads(rows[-1]) if rows else {}
@@ -300,27 +389,38 @@ class Trainer:
         return f"{self.cfg.loss_type}  beta={self.cfg.beta}  lr={self.cfg.lr:g}"
 
     def _step(self, step: int, opt, sched) -> dict:
+        examples = self.step_examples(step)
         micro = self.micro_batches(step)
-        weights = [self.obj.weight(idx) for idx in micro]
-        total_w = sum(weights) or 1.0
+        totals = self.obj.totals(examples)  # the whole step's counts: global normalization
         opt.zero_grad(set_to_none=True)
         sums: dict = {}
         total = 0.0
-        for idx, wt in zip(micro, weights):
-            share = wt / total_w  # the step's loss is the weighted mean over its micro-batches
-            with self._autocast():
-                loss, metrics = self.obj.loss(self.model, idx, self.generator)
-            (loss * share).backward()
-            total += loss.item() * share
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * (1.0 if k == "tokens" else share)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        scale = self.par.grad_scale
+        for k, idx in enumerate(micro):
+            real = bool(idx)
+            with self.par.accumulating(sync=k == len(micro) - 1):
+                with self._autocast():
+                    loss, metrics = self.obj.loss(self.module, idx if real else examples[:1],
+                                                  step=step, totals=totals)
+                if not real:  # a pass only to keep the ranks' collectives in step
+                    loss = loss * 0.0
+                (loss * scale if scale != 1 else loss).backward()
+            if real:
+                total += loss.item()
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + (v if real else 0.0)
+        if self.world > 1:
+            keys = list(sums)
+            vec = distributed.all_reduce_sum(torch.tensor([total] + [sums[k] for k in keys],
+                                                          dtype=torch.float64))
+            total, sums = float(vec[0]), {k: float(v) for k, v in zip(keys, vec[1:].tolist())}
+        params = [p for p in self.par.params() if p.grad is not None]
         if not params:
             gn = 0.0
         elif self.cfg.max_grad_norm is None:  # no clipping
-            gn = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            gn = self.par.total_norm([p.grad for p in params])
         else:
-            gn = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            gn = self.par.clip(params, self.cfg.max_grad_norm)
         if not (math.isfinite(total) and math.isfinite(gn)):
             # before opt.step(): the weights stay as the last finished step left them
             self._non_finite(step, f"the loss is {total} and the gradient norm {gn}; the "
@@ -334,9 +434,8 @@ class Trainer:
             self._non_finite(step, f"its update overflowed (lr {lr:g}: {e}); the learning rate "
                                    f"is far too large")
         sched.step()
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        if trained and not math.isfinite(float(torch.nn.utils.get_total_norm(
-                trained, norm_type=math.inf))):
+        trained = self.par.params()
+        if trained and not math.isfinite(self.par.total_norm(trained, norm_type=math.inf)):
             self._non_finite(step, f"its update (lr {lr:g}) made parameters non-finite; the "
                                    f"learning rate is far too large")
         return {"loss": total, "lr": lr, "grad_norm": gn, **sums}

@@ -6,6 +6,23 @@ for preference losses, the reference: per-token reference log-probs computed
 once before training and stored in the run folder (``reference="precompute"``,
 the default: no second model in memory), or a frozen copy of the initial model
 (``reference="copy"``).
+
+**Results that do not depend on how a step is split.**  A step's examples are spread over
+micro-batches and ranks (``loop.py``); :meth:`loss` with ``totals`` (the counts of the
+*whole step*, :meth:`totals`) returns the micro-batch's share of the step's loss, so the
+shares add up to the same loss however the step is split:
+
+* preferences: the sum of the pairs' losses / the step's number of pairs, plus, with
+  ``nll_alpha``, ``nll_alpha x`` the chosen answers' NLL summed / the step's number of chosen
+  answer tokens (a token mean over the whole step, not per micro-batch);
+* SFT: the NLL summed / the step's number of answer tokens.
+
+SGDPO's pilot subsets are drawn per pair, from a generator seeded with ``(seed, step, pair
+index)`` and sized to that pair's own answers (:func:`pilot_seed`), so a pair gets the same
+pilots whichever micro-batch, rank or padding it lands in.
+
+The reference precompute is sharded over ranks as whole batches (``distributed.round_robin``),
+each computed as one process computes it, and gathered on every rank; rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -14,11 +31,13 @@ import copy
 import hashlib
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import distributed
 from ..losses import formulas
+from ..losses.pilots import draw_pilot_masks
 from ..losses.preference import preference_loss
 from .batches import Encoded, answer_mask, collate, encode, token_logps
 from .config import TrainConfig
@@ -120,12 +139,19 @@ class PreferenceObjective:
         seqs = [self.pairs[i][0] for i in idx] + [self.pairs[i][1] for i in idx]
         return collate(seqs, self.pad_id)
 
-    def prepare(self, model, out_dir: str, model_fingerprint: str = "") -> None:
+    def prepare(self, model, out_dir: str, model_fingerprint: str = "", module=None,
+                collective: bool = False) -> None:
         """Set up the reference from ``model`` as it is now (before any training step).
         Precomputed reference log-probs are stored in ``out_dir`` and reloaded on resume,
         so a resumed run uses the initial model's, not the checkpoint's; a stored file that
         is damaged, or was computed for other data or (``model_fingerprint``) another model,
-        is recomputed."""
+        is recomputed.
+
+        Several ranks: rank 0 reads the stored file and sends it to the others; a missing
+        one is computed in whole batches dealt round-robin over the ranks (``module``, the
+        trainer's gradient-free module, computes them; ``collective``: every pass is a
+        collective, so ranks with fewer batches make extra passes whose results are
+        dropped), gathered on every rank and written by rank 0."""
         if not self.needs_ref:
             return
         if self.cfg.reference == "copy":
@@ -133,32 +159,54 @@ class PreferenceObjective:
             return
         path = os.path.join(out_dir, REF_FILE)
         fp = hashlib.sha256(f"{self.fingerprint()} {model_fingerprint}".encode()).hexdigest()
-        if os.path.isfile(path):
+        saved = None
+        if distributed.is_main() and os.path.isfile(path):
             saved = load_reference(path, fp)
-            if saved is not None and len(saved) == 2 * len(self.pairs):
-                self.ref_logps = saved
-                return
+            if saved is not None and len(saved) != 2 * len(self.pairs):
+                saved = None
+        if distributed.world() > 1:
+            saved = _share_from_main(saved)
+        if saved is not None:
+            self.ref_logps = saved
+            return
+        module = model if module is None else module
         was_training = model.training
         model.eval()
-        out: List[torch.Tensor] = [None] * (2 * len(self.pairs))
+        module.eval()
         bs = self.cfg.batch_size * 2
-        bar = _progress(len(self.pairs), "reference log-probs", self.cfg.progress)
+        batches = [list(range(s, min(len(self.pairs), s + bs)))
+                   for s in range(0, len(self.pairs), bs)]
+        mine = distributed.round_robin(len(batches))
+        passes = distributed.rounds(len(batches)) if collective else len(mine)
+        done: List[List[torch.Tensor]] = []   # per batch of mine: its sequences' log-probs
+        bar = _progress(len(self.pairs), "reference log-probs",
+                        self.cfg.progress and distributed.is_main())
         with torch.no_grad():
-            for s in range(0, len(self.pairs), bs):
-                idx = list(range(s, min(len(self.pairs), s + bs)))
+            for j in range(passes):
+                idx = batches[mine[j]] if j < len(mine) else batches[0]
                 b = self.batch(idx)
-                lp = token_logps(model, b, self.cfg.backend).float().cpu()
+                lp = token_logps(module, b, self.cfg.backend).float().cpu()
+                if j >= len(mine):
+                    continue  # a pass only to keep the collectives in step
                 m = answer_mask(b["labels"])
-                for r, i in enumerate(idx):
-                    out[2 * i] = lp[r][m[r]].clone()
-                    out[2 * i + 1] = lp[len(idx) + r][m[len(idx) + r]].clone()
+                seqs = []
+                for r in range(len(idx)):
+                    seqs += [lp[r][m[r]].clone(), lp[len(idx) + r][m[len(idx) + r]].clone()]
+                done.append(seqs)
                 if bar is not None:
-                    bar.update(len(idx))
+                    bar.update(len(idx) * distributed.world())
         if bar is not None:
             bar.close()
         model.train(was_training)
+        module.train(was_training)
+        per_batch = _gather_batches(done, len(batches))
+        out: List[torch.Tensor] = [None] * (2 * len(self.pairs))
+        for idx, seqs in zip(batches, per_batch):
+            for r, i in enumerate(idx):
+                out[2 * i], out[2 * i + 1] = seqs[2 * r], seqs[2 * r + 1]
         self.ref_logps = out
-        save_reference(path, fp, out)
+        if distributed.is_main():
+            save_reference(path, fp, out)
 
     def fingerprint(self) -> str:
         """Hash of every tokenized pair (ids and labels): a stored reference is reused, and a
@@ -168,6 +216,11 @@ class PreferenceObjective:
     def weight(self, idx: Sequence[int]) -> float:
         """Share of a micro-batch in its step's loss: its number of pairs."""
         return float(len(idx))
+
+    def totals(self, idx: Sequence[int]) -> Dict[str, float]:
+        """The counts a step's loss is normalized by (see the module docstring)."""
+        return {"pairs": float(len(idx)),
+                "chosen_tokens": float(sum(self.pairs[i][0].n_answer for i in idx))}
 
     def _ref(self, idx, b, policy):
         if not self.needs_ref:
@@ -179,21 +232,56 @@ class PreferenceObjective:
         m = answer_mask(b["labels"]).to(policy.device)
         return policy.new_zeros(m.shape).masked_scatter(m, torch.cat(vals).to(policy.device))
 
-    def loss(self, model, idx: Sequence[int], generator: torch.Generator):
-        """``(loss [], metrics {name: float})`` for the pairs ``idx``."""
+    def pilot_masks(self, idx: Sequence[int], mask: torch.Tensor, step: int) -> torch.Tensor:
+        """SGDPO pilot subsets [2B, T] of the pairs ``idx`` at optimizer step ``step``: pair
+        ``i`` draws from a generator seeded by :func:`pilot_seed` over its own answers only,
+        so its pilots do not depend on the batch it is in (rank, micro-batch, padding)."""
         c = self.cfg
+        B = len(idx)
+        cpu = mask.cpu()
+        out = torch.zeros_like(cpu)
+        for r, i in enumerate(idx):
+            T_i = max(len(self.pairs[i][0].input_ids), len(self.pairs[i][1].input_ids)) - 1
+            own = torch.stack([cpu[r, :T_i], cpu[B + r, :T_i]])
+            g = torch.Generator().manual_seed(pilot_seed(c.seed, step, i))
+            p = draw_pilot_masks(own, c.pilot_ratio_chosen, c.pilot_ratio_rejected, c.pilot_mode, g)
+            out[r, :T_i], out[B + r, :T_i] = p[0], p[1]
+        return out.to(mask.device)
+
+    def loss(self, model, idx: Sequence[int], generator: Optional[torch.Generator] = None, *,
+             step: Optional[int] = None, totals: Optional[Dict[str, float]] = None):
+        """``(loss [], metrics {name: float})`` for the pairs ``idx``.
+
+        ``totals`` (:meth:`totals` of the whole optimizer step): the loss and the metrics are
+        this micro-batch's *shares* of the step's (module docstring); None: of ``idx`` alone
+        (its mean loss and metrics).  ``step``: SGDPO pilots per pair from
+        ``(seed, step, pair index)``; None: drawn over the batch from ``generator``."""
+        c = self.cfg
+        tot = self.totals(idx) if totals is None else totals
         b = self.batch(idx)
         policy = token_logps(model, b, c.backend)
         m = answer_mask(b["labels"]).to(policy.device)
+        pilots = None
+        if step is not None and "sgdpo" == c.loss_type:
+            pilots = self.pilot_masks(idx, m, step)
         out = preference_loss(
             policy, self._ref(idx, b, policy), m, loss_type=c.loss_type, beta=c.beta,
             label_smoothing=c.label_smoothing, pilot_ratio_chosen=c.pilot_ratio_chosen,
             pilot_ratio_rejected=c.pilot_ratio_rejected, pilot_grad=c.pilot_grad,
-            pilot_mode=c.pilot_mode, generator=generator, simpo_gamma=c.simpo_gamma,
-            nll_alpha=c.nll_alpha)
-        metrics: Dict[str, float] = {k: float(v) for k, v in out.metrics.items()}
+            pilot_mode=c.pilot_mode, pilot_masks=pilots,
+            generator=generator if pilots is None else None, simpo_gamma=c.simpo_gamma,
+            discopop_tau=c.discopop_tau, ld_alpha=c.ld_alpha,
+            f_divergence_type=c.f_divergence_type,
+            f_alpha_divergence_coef=c.f_alpha_divergence_coef)
+        share = len(idx) / tot["pairs"]
+        loss = out.losses.sum() / tot["pairs"]
+        metrics: Dict[str, float] = {k: float(v) * share for k, v in out.metrics.items()}
+        if c.nll_alpha:  # RPO: a token mean over the whole step's chosen answers
+            nll_sum = -policy[:len(idx)].sum()   # 0 off the answers
+            loss = loss + c.nll_alpha * nll_sum / max(tot["chosen_tokens"], 1.0)
+            metrics["nll_loss"] = float(nll_sum.detach()) / max(tot["chosen_tokens"], 1.0)
         metrics["tokens"] = float(m.sum())
-        return out.loss, metrics
+        return loss, metrics
 
 
 class SFTObjective:
@@ -216,7 +304,8 @@ class SFTObjective:
     def __len__(self):
         return len(self.seqs)
 
-    def prepare(self, model, out_dir: str, model_fingerprint: str = "") -> None:
+    def prepare(self, model, out_dir: str, model_fingerprint: str = "", module=None,
+                collective: bool = False) -> None:
         return None
 
     def fingerprint(self) -> str:
@@ -228,12 +317,62 @@ class SFTObjective:
         the mean NLL over all its tokens, however they are split into micro-batches)."""
         return float(sum(self.seqs[i].n_answer for i in idx))
 
-    def loss(self, model, idx: Sequence[int], generator: torch.Generator):
+    def totals(self, idx: Sequence[int]) -> Dict[str, float]:
+        return {"tokens": self.weight(idx)}
+
+    def loss(self, model, idx: Sequence[int], generator: Optional[torch.Generator] = None, *,
+             step: Optional[int] = None, totals: Optional[Dict[str, float]] = None):
+        """``(loss, metrics)``: the answers' NLL summed / the step's answer tokens (``totals``;
+        None: this micro-batch's own, i.e. its mean token NLL)."""
+        tot = self.totals(idx) if totals is None else totals
         b = collate([self.seqs[i] for i in idx], self.pad_id)
         lp = token_logps(model, b, self.cfg.backend)
         n = answer_mask(b["labels"]).sum()
-        loss = -lp.sum() / n.clamp(min=1)
+        loss = -lp.sum() / max(tot["tokens"], 1.0)
         return loss, {"nll": loss.item(), "tokens": float(n)}
+
+
+def pilot_seed(seed: int, step: int, index: int) -> int:
+    """The seed of pair ``index``'s SGDPO pilots at optimizer step ``step`` of a run seeded
+    ``seed``: 63 bits of SHA-256 of the three numbers (distinct draws for every pair and
+    step, the same wherever the pair is computed)."""
+    h = hashlib.sha256(f"sgdpo-pilots:{seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _share_from_main(saved: Optional[List[torch.Tensor]]) -> Optional[List[torch.Tensor]]:
+    """Rank 0's stored reference log-probs (or None) on every rank."""
+    have = distributed.broadcast_json(saved is not None)
+    if not have:
+        return None
+    flat = torch.cat([x.reshape(-1) for x in saved]) if distributed.is_main() and saved \
+        else torch.zeros(0)
+    lengths = torch.tensor([x.numel() for x in saved], dtype=torch.int64) \
+        if distributed.is_main() else torch.zeros(0, dtype=torch.int64)
+    flat = distributed.all_gather_varlen(flat.float())[0]
+    lengths = distributed.all_gather_varlen(lengths)[0]
+    return [x.clone() for x in torch.split(flat, lengths.tolist())]
+
+
+def _gather_batches(done: List[List[torch.Tensor]], n_batches: int) -> List[List[torch.Tensor]]:
+    """Every rank's computed batches (``done``: this rank's, in its round-robin order) on every
+    rank, listed by batch index."""
+    if distributed.world() == 1:
+        return done
+    flat = torch.cat([x for seqs in done for x in seqs]) if done else torch.zeros(0)
+    lengths = torch.tensor([x.numel() for seqs in done for x in seqs], dtype=torch.int64)
+    counts = torch.tensor([len(seqs) for seqs in done], dtype=torch.int64)
+    per_rank = []
+    for f, ln, ct in zip(distributed.all_gather_varlen(flat.float()),
+                         distributed.all_gather_varlen(lengths),
+                         distributed.all_gather_varlen(counts)):
+        seqs = torch.split(f, ln.tolist())
+        batches, k = [], 0
+        for c in ct.tolist():
+            batches.append([x.clone() for x in seqs[k:k + c]])
+            k += c
+        per_rank.append(batches)
+    return distributed.gather_in_order(per_rank, n_batches)
 
 
 def make_objective(records, tokenizer, cfg: TrainConfig):

@@ -100,9 +100,12 @@ def read_record(out_dir: str) -> Optional[dict]:
     return rec if isinstance(rec, dict) else None
 
 
-def mismatch(recorded: dict, fingerprints: dict, cfg) -> list:
-    """What differs between a recorded run (``{"fingerprints": ..., "settings": ...}``, as in
-    config.json and checkpoints) and this one: a list of phrases, empty when it may resume."""
+def mismatch(recorded: dict, fingerprints: dict, cfg, world_size: int = 1) -> list:
+    """What differs between a recorded run (``{"fingerprints": ..., "settings": ...,
+    "world_size": ...}``, as in config.json and checkpoints) and this one: a list of phrases,
+    empty when it may resume.  The number of processes must be the same (it fixes the global
+    batch, the data each step sees and, under FSDP2, the shards); runs recorded before
+    multi-process training existed count as one process."""
     out = []
     if not isinstance(recorded.get("fingerprints"), dict):
         return ["the run was recorded without fingerprints (by an older sgdpo_fast); it cannot "
@@ -113,6 +116,10 @@ def mismatch(recorded: dict, fingerprints: dict, cfg) -> list:
                    "max_length)")
     if fp.get("model") != fingerprints["model"]:
         out.append("the base model differs")
+    then_world = recorded.get("world_size", 1)
+    if then_world != world_size:
+        out.append(f"the run had {then_world} process(es), now {world_size} (resume with the same "
+                   f"number of ranks)")
     then, now = recorded.get("settings") or {}, settings(cfg)
     for k in now:
         if k not in RESUME_FREE and k in then and then[k] != now[k]:

@@ -7,7 +7,9 @@ one into a folder as
     state.safetensors   every tensor of the tree, under its path ("model/lm_head.weight",
                         "optimizer/state/3/exp_avg", ...)
     state.json          the tree with each tensor replaced by {"tensor": path}, the caller's
-                        metadata, and the size and SHA-256 of state.safetensors
+                        metadata, and the size and SHA-256 of state.safetensors (and of any
+                        other file the folder holds, e.g. the sharded state of FSDP2 in
+                        ``dcp/``: ``checkpoint.py``)
 
 and :func:`read_state` reads it back, after checking the size and the hash, so a file cut
 short, emptied or with a flipped bit is reported (naming the file) instead of loaded.
@@ -132,17 +134,36 @@ def file_digest(path: str) -> str:
             h.update(b)
 
 
-def save_state(folder: str, tree, meta: dict) -> None:
+def safe_name(name) -> bool:
+    """A file name ``state.json`` may list: relative, inside the folder (``a.safetensors`` or
+    ``dcp/a.safetensors``; no ``..``, no absolute path)."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def file_record(path: str) -> dict:
+    """``{"bytes", "sha256"}`` of a written file, as ``state.json`` lists it."""
+    return {"bytes": os.path.getsize(path), "sha256": file_digest(path)}
+
+
+def save_state(folder: str, tree, meta: dict, extra_files: dict = None) -> None:
     """Write ``tree`` (+ the JSON-able ``meta``) into the existing ``folder`` (see the module
-    docstring).  The caller makes it atomic (``files.write_folder``)."""
+    docstring).  ``extra_files``: ``{relative name: file_record(...)}`` of files written into
+    the folder by others, to be verified with it.  The caller makes it atomic
+    (``files.write_folder``)."""
     from safetensors.torch import save_file
 
     skeleton, tensors = flatten(tree)
     tpath, mpath = os.path.join(folder, TENSOR_FILE), os.path.join(folder, META_FILE)
     with writing(tpath):
         save_file(tensors, tpath, metadata={"format": FORMAT})
-    doc = dict(meta, format=FORMAT, tree=skeleton,
-               files={TENSOR_FILE: {"bytes": os.path.getsize(tpath), "sha256": file_digest(tpath)}})
+    files = {TENSOR_FILE: file_record(tpath)}
+    for name, rec in (extra_files or {}).items():
+        if not safe_name(name):
+            raise ValueError(f"file name {name!r} must be relative to the state folder")
+        files[name] = rec
+    doc = dict(meta, format=FORMAT, tree=skeleton, files=files)
     with writing(mpath):
         with open(mpath, "w", encoding="utf-8") as f:
             json.dump(doc, f, allow_nan=False)
@@ -150,9 +171,11 @@ def save_state(folder: str, tree, meta: dict) -> None:
             os.fsync(f.fileno())
 
 
-def read_meta(folder: str, verify: bool = True) -> dict:
-    """``state.json`` of ``folder`` (without the tree's tensors), after checking that the tensor
-    file is there with the recorded size and (``verify``) hash.  Raises StateError."""
+def read_meta(folder: str, verify: bool = True, hash_only=None) -> dict:
+    """``state.json`` of ``folder`` (without the tree's tensors), after checking that every
+    listed file is there with the recorded size and (``verify``) hash.  ``hash_only``: a
+    collection of names to hash (the others: size only; several ranks share the hashing).
+    Raises StateError."""
     mpath = os.path.join(folder, META_FILE)
     if not os.path.isfile(mpath):
         raise StateError(mpath, "missing")
@@ -170,7 +193,7 @@ def read_meta(folder: str, verify: bool = True) -> dict:
         raise StateError(mpath, "lists no tensor file")
     for name, want in files.items():
         p = os.path.join(folder, str(name))
-        if not isinstance(want, dict) or os.path.basename(str(name)) != name:
+        if not isinstance(want, dict) or not safe_name(name):
             raise StateError(mpath, f"bad entry for {name!r}")
         if not os.path.isfile(p):
             raise StateError(p, "missing")
@@ -178,7 +201,8 @@ def read_meta(folder: str, verify: bool = True) -> dict:
         if size != want.get("bytes"):
             raise StateError(p, f"{size} bytes where {want.get('bytes')} were written "
                                 f"(cut short or overwritten)")
-        if verify and file_digest(p) != want.get("sha256"):
+        if verify and (hash_only is None or name in hash_only) and \
+                file_digest(p) != want.get("sha256"):
             raise StateError(p, "content differs from what was written (SHA-256 mismatch)")
     return doc
 
