@@ -279,8 +279,10 @@ def _wrong_answers(rec):
     if spec["kind"] == "token":
         return [ans[:-1], "x" + ans, ans.replace("@", " at ") if "@" in ans else "Atlantis", ""]
     if spec["kind"] == "choice":
-        others = [o for o in spec["options"] if o.casefold() != ans.casefold()]
-        return [others[0], f"{others[-1]} or {ans}", ans + "s", "", "I don't know"]
+        others = [o for o in spec["options"] if o.casefold() != ans.casefold()
+                  and o not in spec.get("exclude", ())]
+        wrong = [others[0], f"{others[-1]} or {ans}", ans + "s", "", "I don't know"]
+        return wrong + [" ".join(spec["options"])] if len(spec["options"]) < 10 else wrong
     raise AssertionError(spec)
 
 
@@ -307,11 +309,11 @@ EMAIL = _rec("extraction", "token", "anna.lee@example.com", max_words=7)
 CITY = _rec("extraction", "token", "New York", max_words=8)
 NUM = _rec("extraction", "number", 17, max_words=7)
 SEQ = _rec("sequence", "number", 3)
-LETTER = _rec("letters", "choice", "g", options=list("abcdefghijklmnopqrstuvwxyz"), max_words=8)
-DAY = _rec("calendar", "choice", "Tuesday", max_words=8,
+LETTER = _rec("letters", "choice", "g", options=list("abcdefghijklmnopqrstuvwxyz"), max_words=12)
+DAY = _rec("calendar", "choice", "Tuesday", max_words=12, exclude=["Monday"],
            options=["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
-LAST = _rec("lists", "choice", "lamp", options=["cat", "river", "lamp"], max_words=8)
-CMP = _rec("compare", "number", 52, max_words=6)
+LAST = _rec("lists", "choice", "lamp", options=["cat", "river", "lamp"], max_words=12)
+CMP = _rec("compare", "number", 52, max_words=10)
 
 
 @pytest.mark.parametrize("rec, text, expected", [
@@ -343,14 +345,19 @@ CMP = _rec("compare", "number", 52, max_words=6)
     (NUM, "Maria bought 17 apples at the market yesterday.", False),
     (LETTER, "g", True), (LETTER, "G.", True), (LETTER, "The first letter is g.", True),
     (LETTER, '"G"', True), (LETTER, "garden", False), (LETTER, "h", False),
-    (LETTER, "It is a g", False), (LETTER, "The letter g is the first letter of the word", False),
+    (LETTER, 'The first letter of the word "giraffe" is "G".', True),
+    (LETTER, "It is a g", False), (LETTER, 'The word "happy" ends with the letter "H".', False),
+    (LETTER, "The letter g is the first letter of the word that you gave me here", False),
     (DAY, "Tuesday", True), (DAY, "tuesday.", True), (DAY, "Tuesday comes after Monday.", True),
-    (DAY, "Answer: TUESDAY", True), (DAY, "Saturday", False), (DAY, "Tue", False),
-    (DAY, "After Monday comes Tuesday", False), (DAY, "Tuesdays", False),
+    (DAY, "Answer: TUESDAY", True), (DAY, "After Monday comes Tuesday", True),
+    (DAY, "The day after Monday is Saturday", False), (DAY, "Monday", False),
+    (DAY, "Saturday", False), (DAY, "Tue", False), (DAY, "Tuesdays", False),
+    (DAY, "Wednesday or Tuesday", False),
     (LAST, "lamp", True), (LAST, "The last item is lamp.", True), (LAST, "cat, river, lamp", False),
     (LAST, "lamps", False), (LAST, "river", False),
     (CMP, "52", True), (CMP, "52 is larger.", True), (CMP, "37 < 52", False),
-    (CMP, "The larger number of the two numbers given is 52", False),
+    (CMP, "The larger number is 52.", True), (CMP, "37 is smaller than 52", False),
+    (CMP, "Of the two numbers that you have given me, the larger is 52", False),
 ])
 def test_checker_leniency_and_strictness(rec, text, expected):
     assert check(rec, text) is expected

@@ -40,8 +40,10 @@ Check kinds (``record["check"]["kind"]``):
 * ``token``    - ``answer`` occurs in the answer as a whole token,
   case-insensitively, and the answer has at most ``max_words`` words (so that
   echoing the whole source sentence does not count as extracting from it).
-* ``choice``   - the first word of the answer that is one of ``options``
-  (case-insensitively) is ``answer``; at most ``max_words`` words.
+* ``choice``   - the words of the answer that are one of ``options`` and not one of
+  ``exclude`` (the option the question itself names, e.g. "the day after Monday"),
+  compared case-insensitively, are all ``answer`` (at least one; naming two options
+  is no answer); at most ``max_words`` words.
 
 Before checking, an answer is cleaned: the first line that is non-empty after
 cleaning is used, surrounding quotes / backticks / asterisks, a trailing period
@@ -324,9 +326,12 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 _LETTER_WORDS = sorted(set(_NOUNS + _ADJECTIVES + _COUNT_WORDS))
 
 
-def _choice_task(prompt: str, answer: str, options: Sequence[str], max_words: int):
-    return prompt, answer, {"kind": "choice", "answer": answer, "options": list(options),
-                            "max_words": max_words}
+def _choice_task(prompt: str, answer: str, options: Sequence[str], max_words: int = 12,
+                 exclude: Sequence[str] = ()):
+    spec = {"kind": "choice", "answer": answer, "options": list(options), "max_words": max_words}
+    if exclude:
+        spec["exclude"] = list(exclude)
+    return prompt, answer, spec
 
 
 def _gen_letters(rng: random.Random):
@@ -340,7 +345,7 @@ def _gen_letters(rng: random.Random):
     ])
     prompt = template.format(which="first" if first else "last", word=word,
                              verb="start" if first else "end")
-    return _choice_task(prompt, word[0] if first else word[-1], _LETTERS, 8)
+    return _choice_task(prompt, word[0] if first else word[-1], _LETTERS)
 
 
 def _gen_calendar(rng: random.Random):
@@ -355,7 +360,7 @@ def _gen_calendar(rng: random.Random):
         "Name the {unit} that comes right {rel} {x}. One word, please.",
     ])
     prompt = template.format(unit=unit, rel="after" if after else "before", x=names[i])
-    return _choice_task(prompt, answer, names, 8)
+    return _choice_task(prompt, answer, names, exclude=[names[i]])
 
 
 def _gen_lists(rng: random.Random):
@@ -367,12 +372,12 @@ def _gen_lists(rng: random.Random):
             "How many items are in this list: {s}? Reply with a number.",
             "Count the words in this list: {s}. Give the count only.",
         ])
-        return _number_task(template.format(s=shown), len(items), max_words=6)
+        return _number_task(template.format(s=shown), len(items), max_words=10)
     template = rng.choice([
         "What is the last item in this list: {s}? Reply with the item only.",
         "Here is a list: {s}. Which item comes last? One word, please.",
     ])
-    return _choice_task(template.format(s=shown), items[-1], items, 8)
+    return _choice_task(template.format(s=shown), items[-1], items)
 
 
 def _gen_compare(rng: random.Random):
@@ -384,7 +389,7 @@ def _gen_compare(rng: random.Random):
         "Of {a} and {b}, which one is {rel}? Give just the number.",
     ])
     prompt = template.format(rel="larger" if larger else "smaller", a=a, b=b)
-    return _number_task(prompt, max(a, b) if larger else min(a, b), max_words=6)
+    return _number_task(prompt, max(a, b) if larger else min(a, b), max_words=10)
 
 
 PROBE_FAMILIES: dict[str, tuple[str, Callable[[random.Random], tuple[str, str, dict]]]] = {
@@ -554,11 +559,10 @@ def check(record: Mapping, text: str | None) -> bool:
     if kind == "choice":
         if _too_long(line, spec):
             return False
-        options = {str(o).casefold() for o in spec["options"]}
-        for word in re.findall(r"[^\W\d_]+", line):
-            if word.casefold() in options:
-                return word.casefold() == str(spec["answer"]).casefold()
-        return False
+        options = ({str(o).casefold() for o in spec["options"]}
+                   - {str(o).casefold() for o in spec.get("exclude", ())})
+        named = {w.casefold() for w in re.findall(r"[^\W\d_]+", line)} & options
+        return named == {str(spec["answer"]).casefold()}
     raise ValueError(f"record {record.get('id', '?')!r}: unknown check kind {kind!r}")
 
 
