@@ -54,7 +54,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from sgdpo_fast.data.records import load_sft, read_jsonl, write_jsonl
-from sgdpo_fast.data.tasks import FAMILIES, PROBE_FAMILIES, check, styled_response
+from sgdpo_fast.data.tasks import FAMILIES, PROBE_FAMILIES, check, distractor, styled_response
 from sgdpo_fast.model.chat import chat_prompt
 from sgdpo_fast.model.generation import GenConfig, generate
 from sgdpo_fast.model.loading import load_model
@@ -266,8 +266,8 @@ class Study:
         self.families = list(FAMILIES)
         self.heldout = _per_family(load_sft("bundled:heldout"), plan.heldout_per_family,
                                    self.families)
-        self.probe = _per_family(load_sft("bundled:probe"), plan.probe_per_family,
-                                 list(PROBE_FAMILIES))
+        self.probe = [dict(r, distractor=distractor(r)) for r in _per_family(
+            load_sft("bundled:probe"), plan.probe_per_family, list(PROBE_FAMILIES))]
         self.train_recs = load_sft("bundled:train")
         self.by_id = {r["id"]: r for r in self.train_recs + self.heldout + self.probe}
         os.makedirs(work, exist_ok=True)
@@ -330,15 +330,17 @@ class Study:
         self.pairs = read_jsonl(pp)
         # the base model's log-probs (reference of every metric)
         rp = os.path.join(self.work, "base_logps.pt")
-        key = [[r["id"] for r in rs] for rs in (self.heldout_pairs, self.probe, self.kl_recs)]
+        key = ["v2"] + [[r["id"] for r in rs]
+                        for rs in (self.heldout_pairs, self.probe, self.kl_recs)]
         self.base_lp = torch.load(rp) if os.path.isfile(rp) else {}
         if self.base_lp.get("key") != key:  # computed for other records: recompute
             hc = self._lp(self.ref_model, self.heldout_pairs, "chosen")
             hr = self._lp(self.ref_model, self.heldout_pairs, "rejected")
             pr = self._lp(self.ref_model, self.probe, "response")
+            pd = self._lp(self.ref_model, self.probe, "distractor")
             hd = self._lp(self.ref_model, self.kl_recs, "response")
             self.base_lp = {"pair_chosen": hc[0], "pair_rejected": hr[0], "probe": pr,
-                            "heldout_ref": hd, "key": key}
+                            "probe_distractor": pd, "heldout_ref": hd, "key": key}
             torch.save(self.base_lp, rp + ".tmp")
             os.replace(rp + ".tmp", rp)
             self.say("base log-probs of the held-out pairs, probe and held-out references")
@@ -392,9 +394,12 @@ class Study:
         lp_pol, _ = self._lp(self.model, kl_ans, "own")
         lp_ref, _ = self._lp(self.ref_model, kl_ans, "own")
         logratio = sum(a - b for a, b in zip(lp_pol, lp_ref)) / max(1, len(kl))
-        # general-ability probe: log-likelihood of the probe's reference answers
+        # general-ability probe: log-likelihood of the probe's reference answers, and whether
+        # it beats a wrong answer in the same format (knowledge, whatever the answer style)
         ps, pn = self._lp(self.model, self.probe, "response")
+        pd, _ = self._lp(self.model, self.probe, "distractor")
         bs, bn = self.base_lp["probe"]
+        choice = [1 if a > b else 0 for a, b in zip(ps, pd)]
         # ... and of the held-out references (the trained families), on the KL subset
         hs, hn = self._lp(self.model, kl, "response")
         bhs = [self.base_lp["heldout_ref"][0][i] for i, r in enumerate(self.kl_recs)
@@ -409,12 +414,14 @@ class Study:
                 "probe_accuracy": sum(p_ok) / len(p_ok), "probe_accuracy_ci": [plo, phi],
                 "probe_per_family": fam_acc(self.probe, p_ok),
                 "probe_logp": sum(ps) / sum(pn),
+                "probe_choice_accuracy": sum(choice) / len(choice),
                 "probe_logp_delta": (sum(ps) - sum(bs)) / sum(pn),
                 "heldout_ref_logp_delta": (sum(hs) - sum(bhs)) / sum(hn),
                 "truncated": sum(not d for d in done[:nh]) / nh,
                 "n_heldout": nh, "n_probe": len(p_ok), "n_pref_pairs": len(margins),
                 "correct": {"heldout": "".join("1" if o else "0" for o in h_ok),
-                            "probe": "".join("1" if o else "0" for o in p_ok)},
+                            "probe": "".join("1" if o else "0" for o in p_ok),
+                            "probe_choice": "".join(map(str, choice))},
                 "heldout_ids": [r["id"] for r in heldout]},
             "answers": [{"id": r["id"], "family": r["family"], "answer": a, "correct": o,
                          "finished": d} for r, a, o, d in zip(recs, texts, ok, done)],
@@ -443,7 +450,10 @@ class Study:
         os.makedirs(shared, exist_ok=True)
         if not os.path.isfile(os.path.join(shared, REF_FILE)):
             self.reset()
-            obj.prepare(self.model, shared)
+            dev = next(self.model.parameters()).device
+            bf16 = cfg.bf16 if cfg.bf16 is not None else dev.type == "cuda"
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                obj.prepare(self.model, shared)  # under the autocast the trainer's policy uses
         shutil.copyfile(os.path.join(shared, REF_FILE), os.path.join(tdir, REF_FILE) + ".tmp")
         os.replace(os.path.join(tdir, REF_FILE) + ".tmp", os.path.join(tdir, REF_FILE))
 
@@ -508,7 +518,8 @@ class Study:
         _drop_weights(d)  # checkpoints and stage weights: the record is what stays
         self.say(f"{arm} seed {seed}: held-out {result['heldout_accuracy']:.3f} "
                  f"[{result['heldout_accuracy_ci'][0]:.3f}, {result['heldout_accuracy_ci'][1]:.3f}], "
-                 f"probe {extra['probe_accuracy']:.3f} (log-lik {extra['probe_logp_delta']:+.3f}/token), "
+                 f"probe {extra['probe_accuracy']:.3f} (by likelihood {extra['probe_choice_accuracy']:.3f}, "
+                 f"log-lik {extra['probe_logp_delta']:+.3f}/token), "
                  f"pref {result['pref_accuracy']:.3f}, length {result['mean_length']:.1f}, "
                  f"log-ratio {result['logratio']:+.2f}; train {t_train:.0f} s, eval "
                  f"{wall - t_train:.0f} s")

@@ -25,7 +25,8 @@ COMPARISONS = [
     ("sgpo_dpo", "dpo"), ("sgpo_sgdpo", "sgdpo"), ("sgpo_sgdpo", "sgpo_dpo"),
 ]
 SPREAD_KEYS = ("heldout_accuracy", "pref_accuracy", "mean_length", "logratio")
-EXTRA_SPREAD_KEYS = ("probe_accuracy", "probe_logp_delta", "heldout_ref_logp_delta", "truncated")
+EXTRA_SPREAD_KEYS = ("probe_accuracy", "probe_choice_accuracy", "probe_logp_delta",
+                     "heldout_ref_logp_delta", "truncated")
 
 
 def _bits(s: str) -> List[int]:
@@ -52,7 +53,7 @@ def analyse(records: Sequence[dict], lofo: Sequence[dict], n_boot: int = 2000) -
         if a not in arms or b not in arms:
             continue
         row = {"a": a, "b": b}
-        for split in ("heldout", "probe"):
+        for split in ("heldout", "probe", "probe_choice"):
             A = [_bits(r["extra"]["correct"][split]) for r in arms[a]]
             B = [_bits(r["extra"]["correct"][split]) for r in arms[b]]
             row[split] = paired_bootstrap(A, B, n_boot=n_boot, seed=7)
@@ -80,8 +81,9 @@ def markdown(results: Sequence[dict], analysis: dict) -> str:
         f"{plan.get('beta', '?')}; seeds {meta.get('seeds', '?')}. Mean ± sd over seeds; "
         f"[interval] = bootstrap 95% over prompts of the seeds' pooled answers.")
     lines += ["", "| arm | seeds | held-out acc | 95% CI (pooled) | pref acc | mean length | "
-                  "log-ratio | probe acc | probe log-lik Δ/token | steps | wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "log-ratio | probe acc | probe by likelihood | probe log-lik Δ/token | steps | "
+                  "wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         sp = spread[a]
         ci = analysis.get("pooled_ci", {}).get(a)
@@ -90,6 +92,7 @@ def markdown(results: Sequence[dict], analysis: dict) -> str:
         lines.append(f"| {a} | {len(by_arm[a])} | {_pm(sp['heldout_accuracy'])} | {cis} | "
                      f"{_pm(sp['pref_accuracy'])} | {_pm(sp['mean_length'], '{:.1f}')} | "
                      f"{_pm(sp['logratio'], '{:+.2f}')} | {_pm(sp['probe_accuracy'])} | "
+                     f"{_pm(sp['probe_choice_accuracy'])} | "
                      f"{_pm(sp['probe_logp_delta'], '{:+.3f}')} | {by_arm[a][0]['steps']} | "
                      f"{wall:.0f} |")
     fams = sorted(spread[arms[0]]["per_family"]) if arms else []
@@ -105,11 +108,12 @@ def markdown(results: Sequence[dict], analysis: dict) -> str:
     if analysis["paired"]:
         lines += ["", "Paired differences A − B on the same prompts (bootstrap over prompts and "
                       "seeds, 95%; * = the interval excludes 0):", "",
-                  "| A − B | held-out | interval | p | probe | interval | p |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| A − B | held-out | interval | p | probe | interval | p | probe by likelihood "
+                  "| interval | p |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in analysis["paired"]:
             cells = []
-            for split in ("heldout", "probe"):
+            for split in ("heldout", "probe", "probe_choice"):
                 d = row[split]
                 cells += [f"{d['diff']:+.3f}{' *' if d['significant'] else ''}",
                           f"[{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{d['p']:.3f}"]
@@ -130,8 +134,12 @@ def markdown(results: Sequence[dict], analysis: dict) -> str:
                   "the reference first (ties half); *mean length* = tokens of the held-out answers "
                   f"(cut at {plan.get('max_new_tokens', '?')}); *log-ratio* = mean log "
                   "pi(y|x)/pi_base(y|x) of the model's own greedy held-out answers (KL proxy); "
-                  "*probe log-lik Δ* = change of the mean per-token log-likelihood of the probe's "
-                  "reference answers against the base model (below 0: general ability lost)."]
+                  "*probe by likelihood* = share of probe tasks whose reference answer is more "
+                  "likely than a wrong answer in the same format (what the model knows on "
+                  "untrained tasks, whatever style it answers in); *probe log-lik Δ* = change of "
+                  "the mean per-token log-likelihood of the probe's reference answers against the "
+                  "base model: it also rises when the model adopts the references' terse format, "
+                  "so read it with the two probe accuracies."]
     return "\n".join(lines) + "\n"
 
 

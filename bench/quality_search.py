@@ -79,6 +79,7 @@ def _point(spec: str, arm: str, rec: dict) -> dict:
             "heldout_accuracy_ci": r["heldout_accuracy_ci"], "per_family": r["per_family"],
             "probe_accuracy": e["probe_accuracy"], "probe_accuracy_ci": e["probe_accuracy_ci"],
             "probe_per_family": e["probe_per_family"], "probe_logp_delta": e["probe_logp_delta"],
+            "probe_choice_accuracy": e.get("probe_choice_accuracy"),
             "heldout_ref_logp_delta": e["heldout_ref_logp_delta"],
             "pref_accuracy": r["pref_accuracy"], "mean_length": r["mean_length"],
             "logratio": r["logratio"], "steps": r["steps"], "improver_steps": e["improver_steps"],
@@ -89,18 +90,30 @@ def markdown(points: Sequence[dict], n_heldout: int) -> str:
     base = points[0]
     lines = [f"Settings search: one seed each, {n_heldout} held-out tasks, the whole probe. "
              "Δ = against the base model on the same prompts.", "",
-             "| setting | held-out | Δ | probe | Δ | probe log-lik Δ/token | held-out ref log-lik "
-             "Δ/token | pref acc | length | log-ratio | steps | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| setting | held-out | Δ | probe | Δ | probe by likelihood | Δ | probe log-lik "
+             "Δ/token | held-out ref log-lik Δ/token | pref acc | length | log-ratio | steps | "
+             "wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(
             f"| {p['spec']} | {p['heldout_accuracy']:.3f} | "
             f"{p['heldout_accuracy'] - base['heldout_accuracy']:+.3f} | {p['probe_accuracy']:.3f} | "
-            f"{p['probe_accuracy'] - base['probe_accuracy']:+.3f} | {p['probe_logp_delta']:+.3f} | "
+            f"{p['probe_accuracy'] - base['probe_accuracy']:+.3f} | "
+            f"{_num(p['probe_choice_accuracy'])} | "
+            f"{_delta(p['probe_choice_accuracy'], base['probe_choice_accuracy'])} | "
+            f"{p['probe_logp_delta']:+.3f} | "
             f"{p['heldout_ref_logp_delta']:+.3f} | {p['pref_accuracy']:.3f} | "
             f"{p['mean_length']:.1f} | {p['logratio']:+.2f} | "
             f"{p['steps'] or p['improver_steps']} | {p['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _delta(x, b) -> str:
+    return "-" if x is None or b is None else f"{x - b:+.3f}"
 
 
 def plot(points: Sequence[dict], path: str):
@@ -113,9 +126,11 @@ def plot(points: Sequence[dict], path: str):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     base = points[0]
     for ax, xkey, xlabel in ((axes[0], "probe_accuracy", "probe accuracy (untrained families)"),
-                             (axes[1], "probe_logp_delta",
-                              "probe reference log-lik change per token")):
+                             (axes[1], "probe_choice_accuracy",
+                              "probe: reference more likely than a wrong answer")):
         for i, p in enumerate(points):
+            if p.get(xkey) is None:
+                continue
             ax.scatter(p[xkey], p["heldout_accuracy"], marker="*" if p["arm"] == "base" else "o",
                        s=90 if p["arm"] == "base" else 30, color="k" if p["arm"] == "base" else f"C{i % 10}")
             ax.annotate(p["spec"].replace("arm=", ""), (p[xkey], p["heldout_accuracy"]), fontsize=6,

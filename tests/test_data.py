@@ -240,6 +240,24 @@ def test_probe_prompts_are_not_in_the_trained_templates():
     assert {r["check"]["kind"] for r in probe} == {"number", "choice"}
 
 
+def test_distractors_are_wrong_answers_in_the_reference_format():
+    recs = load_sft("bundled:train") + load_sft("bundled:heldout") + load_sft("bundled:probe")
+    for rec in recs:
+        d = tasks_mod.distractor(rec)
+        assert not check(rec, d), (rec, d)
+        if rec["check"]["kind"] != "token":
+            assert len(d.split()) == len(rec["response"].split()), (rec, d)
+    by_id = {r["id"]: r for r in load_sft("bundled:probe")}
+    cmp_ = next(r for r in by_id.values() if r["family"] == "compare")
+    nums = {int(x) for x in re.findall(r"\d+", cmp_["prompt"])}
+    assert {int(tasks_mod.distractor(cmp_)), cmp_["check"]["answer"]} == nums
+    day = {**DAY, "response": "Tuesday"}
+    assert tasks_mod.distractor(day) == "Wednesday"
+    assert tasks_mod.distractor({**DAY, "check": {**DAY["check"], "answer": "Sunday",
+                                                  "exclude": ["Monday"]}}) == "Tuesday"
+    assert tasks_mod.distractor(SORT) == "3, 1, 7, 12"
+
+
 @pytest.mark.parametrize("style", tasks_mod.STYLES)
 def test_styled_references_pass_their_checker(style):
     recs = load_sft("bundled:train") + load_sft("bundled:heldout") + load_sft("bundled:probe")

@@ -55,7 +55,7 @@ family: 160; seed 0); ``--check`` verifies they are current.
 
 :func:`styled_response` rewrites a reference answer in another style (``"bare"``, the
 answer alone as the records hold it, or ``"sentence"``: ``The answer is X.``); both pass
-the checker.
+the checker.  :func:`distractor` gives a wrong answer in the reference's format.
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ __all__ = [
     "build_tasks",
     "build_probe",
     "styled_response",
+    "distractor",
     "check",
     "accuracy",
     "bundled_path",
@@ -445,6 +446,35 @@ def build_probe(n_per_family: int, seed: int = 0) -> list[dict]:
             out.append({"id": f"{prefix}-p{i:04d}", "family": family, "prompt": prompt,
                         "response": response, "check": check_})
     return out
+
+
+def distractor(record: Mapping) -> str:
+    """A wrong answer to a task ``record`` in the reference's own format (the checker
+    rejects it): the other number of a comparison, the next option of a ``choice`` task
+    (cycling, skipping the excluded ones), the list with its first two numbers swapped,
+    the words of an ``exact`` answer in another order (or lower-cased), the answer plus
+    one otherwise.  Scoring the reference against it by likelihood asks what the model
+    knows without asking it to write in a given format."""
+    spec = record["check"]
+    kind, ans = spec["kind"], spec["answer"]
+    if kind == "number":
+        others = [int(x) for x in _INT.findall(record["prompt"]) if int(x) != ans]
+        if record.get("family") == "compare" and others:
+            return str(others[-1] if others[-1] != ans else others[0])
+        return str(ans + 1)
+    if kind == "int_list":
+        return ", ".join(map(str, [ans[1], ans[0], *ans[2:]]))
+    if kind == "choice":
+        skip = {str(o).casefold() for o in spec.get("exclude", ())} | {str(ans).casefold()}
+        opts = list(spec["options"])
+        i = [str(o).casefold() for o in opts].index(str(ans).casefold())
+        return next(o for o in opts[i + 1:] + opts[:i] if str(o).casefold() not in skip)
+    if kind == "exact":
+        words = str(ans).split()
+        return " ".join(words[1:] + words[:1]) if len(set(words)) > 1 else str(ans).swapcase()
+    if kind == "token":
+        return "Atlantis" if "@" not in str(ans) else "x" + str(ans)
+    raise ValueError(f"record {record.get('id', '?')!r}: unknown check kind {kind!r}")
 
 
 STYLES = ("bare", "sentence")
