@@ -121,7 +121,7 @@ class Plan:
     # search: held-out tasks per family for each point (the probe is used whole)
     search_heldout_per_family: int = 20
     # machinery
-    save_every: int = 8
+    save_every: int = 16                 # checkpoint period (steps): what a kill can lose
 
     def replace(self, **kw) -> "Plan":
         return dataclasses.replace(self, **kw)

@@ -15,7 +15,8 @@ import os
 import re
 from typing import List, Sequence
 
-# one factor at a time around the study's defaults, plus the improver stage alone
+# one factor at a time around the study's defaults; the SGPO improver stage alone (the
+# issue's suspect) with the earlier demo's settings and with the study's; the SGPO arm with both
 DEFAULT_GRID = [
     "arm=sgdpo",
     "arm=dpo",
@@ -27,9 +28,10 @@ DEFAULT_GRID = [
     "arm=sgdpo,nll_alpha=0.2",
     "arm=sgdpo,style=sentence",
     "arm=improver,improver_lr=2e-5,policy_target=reference,improver_steps=12",
-    "arm=improver,improver_lr=2e-6,policy_target=reference",
     "arm=improver,improver_lr=2e-5,policy_target=draft,improver_steps=12",
-    "arm=improver,improver_lr=2e-6,policy_target=draft",
+    "arm=improver",
+    "arm=sgpo_sgdpo,improver_lr=2e-5,policy_target=reference",
+    "arm=sgpo_sgdpo",
 ]
 
 
