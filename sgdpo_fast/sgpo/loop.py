@@ -6,9 +6,13 @@ killed run resumes where it stopped (``resume=True``) and can be inspected:
 1. ``drafts.jsonl``      the policy answers the improver-training SFT prompts.
 2. ``improver/``         NLL training (the trainer with ``loss_type="sft"``) on
                          (improver prompt with the prompt and the model's own
-                         draft) -> SFT reference, mixed with plain prompt -> SFT
-                         reference examples so the policy role is kept
-                         (``policy_mix`` of them per improver example).
+                         draft) -> SFT reference, mixed with ``policy_mix`` plain
+                         policy examples per improver example so the policy role
+                         is kept: prompt -> SFT reference (``policy_target=
+                         "reference"``, the paper's SFT) or prompt -> the model's
+                         own draft (``"draft"``: the policy role is anchored to what
+                         it already does, and only preference training moves it).
+                         ``improver_stage`` runs stages 1-2 alone.
 3. ``candidates.jsonl``  the updated policy answers the preference prompts; the
                          improver rewrites each answer; the per-token perplexity
                          of the improved answer under the policy (fused log-prob op).
@@ -48,12 +52,16 @@ from .filters import decide
 from .prompts import IMPROVER_TEMPLATE, improver_prompt, policy_prompt
 
 
+POLICY_TARGETS = ("reference", "draft")
+
+
 @dataclass
 class SGPOConfig:
     iterations: int = 1
     n_improver_prompts: Optional[int] = None   # SFT prompts for improver training (None: all)
     n_pref_prompts: Optional[int] = None       # prompts for preference pairs (None: all)
     policy_mix: float = 1.0                    # plain policy examples per improver example
+    policy_target: str = "reference"           # their answers: "reference" | "draft"
     tukey_k: float = 1.5
     max_similarity: float = 0.9
     drop_truncated: bool = True                # drop pairs with an answer cut at max_new_tokens
@@ -70,6 +78,9 @@ class SGPOConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.policy_mix < 0:
             raise ValueError(f"policy_mix must be >= 0, got {self.policy_mix}")
+        if self.policy_target not in POLICY_TARGETS:
+            raise ValueError(f"policy_target must be one of {POLICY_TARGETS}, got "
+                             f"{self.policy_target!r}")
         if "{prompt}" not in self.improver_template or "{draft}" not in self.improver_template:
             raise ValueError("improver_template must contain {prompt} and {draft}")
         if self.improver_train.loss_type != "sft":
@@ -125,6 +136,56 @@ def _cached_jsonl(path: str, make):
     return sharded.cached_jsonl(path, make)
 
 
+def _gen_cfg(cfg: SGPOConfig, it: int, stage: int) -> GenConfig:
+    """A distinct sampling seed per iteration and stage."""
+    return replace(cfg.gen, seed=cfg.gen.seed + 1000 * it + stage, distributed=True)
+
+
+def _policy_prompts(tokenizer, texts, system):
+    return [chat_prompt(tokenizer, policy_prompt(t), system) for t in texts]
+
+
+def improver_examples(drafts: Sequence[dict], cfg: SGPOConfig) -> List[dict]:
+    """SFT examples of stage 2 from ``drafts`` (``{"prompt", "draft", "response"}``): one
+    improver example per draft, then ``round(policy_mix * len(drafts))`` plain policy
+    examples (cycling through the drafts) answered per ``cfg.policy_target``; with
+    ``"draft"`` an empty draft, or one cut at the token limit (``"finished": False``),
+    gives no policy example: it would teach the policy to stop mid-answer."""
+    sft = [{"prompt": improver_prompt(x["prompt"], x["draft"], cfg.improver_template),
+            "response": x["response"]} for x in drafts]
+    n_mix = int(round(cfg.policy_mix * len(drafts)))
+    cycle = (list(drafts) * math.ceil(n_mix / max(1, len(drafts))))[:n_mix]
+    for x in cycle:
+        if cfg.policy_target == "reference":
+            target = x["response"]
+        else:
+            target = x["draft"] if x.get("finished", True) else ""
+        if target.strip():
+            sft.append({"prompt": x["prompt"], "response": target})
+    return sft
+
+
+def improver_stage(model, tokenizer, records: Sequence[dict], cfg: SGPOConfig, d: str,
+                   it: int = 0, resume: bool = False) -> dict:
+    """Stages 1-2 of iteration ``it`` in folder ``d``: the policy drafts answers to the SFT
+    ``records`` (``drafts.jsonl``), then ``model`` is trained as the improver (``improver/``).
+    Returns ``{"improver_examples", "improver"}`` (the training summary)."""
+    os.makedirs(d, exist_ok=True)
+    sys_p = cfg.pref_train.system_prompt
+    def make_drafts():
+        texts, done = generate(model, tokenizer,
+                               _policy_prompts(tokenizer, [r["prompt"] for r in records], sys_p),
+                               _gen_cfg(cfg, it, 0), desc=f"iter {it}: drafts", with_finished=True)
+        return [{"prompt": r["prompt"], "draft": a, "response": r["response"], "finished": f}
+                for r, a, f in zip(records, texts, done)]
+    drafts = _cached_jsonl(os.path.join(d, "drafts.jsonl"), make_drafts)
+    sft = improver_examples(drafts, cfg)
+    # both roles see the same system prompt in training and in generation
+    imp_cfg = cfg.improver_train.replace(seed=cfg.improver_train.seed + it, system_prompt=sys_p)
+    info = _train_stage(model, tokenizer, sft, imp_cfg, os.path.join(d, "improver"), resume)
+    return {"improver_examples": len(sft), "improver": info}
+
+
 def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
              resume: bool = False, pref_records: Optional[Sequence[dict]] = None) -> List[dict]:
     """Run ``cfg.iterations`` SGPO iterations on ``model`` (updated in place).
@@ -157,37 +218,21 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
         prefs = list(pref_records) if pref_records is not None else list(sft_records)
         if cfg.n_pref_prompts is not None:
             prefs = rng_it.sample(prefs, min(cfg.n_pref_prompts, len(prefs)))
-        def gen(stage):  # a distinct sampling seed per iteration and stage
-            return replace(cfg.gen, seed=cfg.gen.seed + 1000 * it + stage, distributed=True)
-
-        def pol(texts):
-            return [chat_prompt(tokenizer, policy_prompt(t), sys_p) for t in texts]
 
         def imp(ps, drafts):
             return [chat_prompt(tokenizer, improver_prompt(p, x, cfg.improver_template), sys_p)
                     for p, x in zip(ps, drafts)]
 
-        # 1. drafts of the current policy on the improver-training prompts
-        drafts = _cached_jsonl(os.path.join(d, "drafts.jsonl"), lambda: [
-            {"prompt": r["prompt"], "draft": a, "response": r["response"]}
-            for r, a in zip(imp_recs, generate(model, tokenizer, pol([r["prompt"] for r in imp_recs]),
-                                               gen(0), desc=f"iter {it}: drafts"))])
-        # 2. improver training (+ plain policy examples)
-        sft = [{"prompt": improver_prompt(x["prompt"], x["draft"], cfg.improver_template),
-                "response": x["response"]} for x in drafts]
-        n_mix = int(round(cfg.policy_mix * len(drafts)))
-        sft += [{"prompt": x["prompt"], "response": x["response"]}
-                for x in (drafts * math.ceil(n_mix / max(1, len(drafts))))[:n_mix]]
-        # both roles see the same system prompt in training and in generation
-        imp_cfg = cfg.improver_train.replace(seed=cfg.improver_train.seed + it, system_prompt=sys_p)
-        imp_info = _train_stage(model, tokenizer, sft, imp_cfg, os.path.join(d, "improver"), resume)
+        # 1-2. drafts of the current policy on the improver-training prompts, improver training
+        stage = improver_stage(model, tokenizer, imp_recs, cfg, d, it, resume)
 
         # 3. on-policy answers, improved answers, perplexity of the improved ones
         def make_candidates():
             ps = [r["prompt"] for r in prefs]
-            orig, o_done = generate(model, tokenizer, pol(ps), gen(1), desc=f"iter {it}: answers",
+            orig, o_done = generate(model, tokenizer, _policy_prompts(tokenizer, ps, sys_p),
+                                    _gen_cfg(cfg, it, 1), desc=f"iter {it}: answers",
                                     with_finished=True)
-            better, b_done = generate(model, tokenizer, imp(ps, orig), gen(2),
+            better, b_done = generate(model, tokenizer, imp(ps, orig), _gen_cfg(cfg, it, 2),
                                       desc=f"iter {it}: improve", with_finished=True)
             pt = cfg.pref_train
             ppl = sharded.map_batches(list(zip(ps, better)), 8, lambda b: answer_perplexity(
@@ -218,7 +263,7 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
             pref_info = _train_stage(model, tokenizer, kept,
                                      cfg.pref_train.replace(seed=cfg.pref_train.seed + it),
                                      os.path.join(d, "preference"), resume)
-        summary = {"iteration": it, "improver_examples": len(sft), "improver": imp_info,
+        summary = {"iteration": it, **stage,
                    "candidates": len(cands), "kept": len(kept), "decisions": counts,
                    "fences": [fin(lo), fin(hi)], "preference": pref_info,
                    "note": None if kept else "no pair survived the filters: no preference step"}
