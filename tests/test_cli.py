@@ -330,3 +330,22 @@ sys.exit(5)
 def test_eval_limit_takes_exactly_that_many(model_dir, tmp_path, capsys):
     assert cli.main(["eval", "--model", model_dir, "--limit", "1", "--max-new-tokens", "2"]) == 0
     assert "(n=1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("missing,extra", [("transformers", "train")])
+def test_missing_optional_dependency_names_the_extra(model_dir, tmp_path, missing, extra):
+    """A command whose optional dependency is not installed says which extra to install, on
+    one line, exit code 2 (run in a subprocess where the package cannot be imported)."""
+    import subprocess
+    import sys
+    p = str(tmp_path / "prefs.jsonl")
+    write_jsonl(p, PAIRS)
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from sgdpo_fast.cli import main\n"
+            f"sys.exit(main(['train', '--model', {model_dir!r}, '--data', {p!r}, "
+            f"'--out', {str(tmp_path / 'o')!r}, '--max-steps', '1', '--no-progress']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == (f"sgdpo-fast train: error: needs the Python package {missing!r}, not "
+                         f'installed: pip install "sgdpo_fast[{extra}]"'), r.stderr
