@@ -84,7 +84,7 @@ class Plan:
     pair_prompts_per_family: int = 40
     style: str = "bare"                  # chosen (reference) answers: bare | sentence
     # preference training: every DPO-family arm; the SGPO preference stages add up to it
-    steps: int = 32
+    steps: int = 16
     batch_size: int = 2
     grad_accum: int = 2
     lr: float = 5e-6
@@ -116,12 +116,12 @@ class Plan:
     n_boot: int = 2000
     # leave-one-family-out
     lofo_arm: str = "sgdpo"
-    lofo_steps: int = 32
+    lofo_steps: int = 16
     lofo_seed: int = 0
     # search: held-out tasks per family for each point (the probe is used whole)
     search_heldout_per_family: int = 20
     # machinery
-    save_every: int = 16                 # checkpoint period (steps): what a kill can lose
+    save_every: int = 8                  # checkpoint period (steps): what a kill can lose
 
     def replace(self, **kw) -> "Plan":
         return dataclasses.replace(self, **kw)

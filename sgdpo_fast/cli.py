@@ -202,6 +202,7 @@ def _cmd_sgpo(args):
     try:
         cfg = SGPOConfig(iterations=args.iterations, n_improver_prompts=args.improver_prompts,
                          n_pref_prompts=args.pref_prompts, policy_mix=args.policy_mix,
+                         policy_target=args.policy_target,
                          tukey_k=args.tukey_k, max_similarity=args.max_similarity, seed=pref.seed,
                          gen=GenConfig(max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, batch_size=args.gen_batch_size,
@@ -278,6 +279,10 @@ def _parser():
     s.add_argument("--pref-prompts", type=_typed(Rule("int", lo=1, none=True)), default=None,
                    help="default: all")
     s.add_argument("--policy-mix", type=_typed(Rule("float", lo=0)), default=1.0)
+    s.add_argument("--policy-target", choices=("reference", "draft"), default="reference",
+                   help="what the plain policy examples of the improver stage answer: the SFT "
+                        "reference (the paper's recipe) or the model's own finished draft (keeps "
+                        "the policy role where it was; docs/study.md)")
     s.add_argument("--tukey-k", type=_typed(Rule("float", lo=0)), default=1.5)
     s.add_argument("--max-similarity", type=_typed(Rule("float", lo=0, hi=1)), default=0.9)
     s.add_argument("--keep-truncated", action="store_true",

@@ -58,9 +58,11 @@ def test_sgpo_command(model_dir, tmp_path, capsys):
     out = str(tmp_path / "sgpo")
     rc = cli.main(["sgpo", "--model", model_dir, "--data", sft, "--out", out,
                    "--max-new-tokens", "6", "--max-steps", "1", "--improver-max-steps", "1",
-                   "--no-progress", "--improver-lr", "1e-3"])
+                   "--no-progress", "--improver-lr", "1e-3", "--policy-target", "draft"])
     assert rc == 0
     assert "pairs kept" in capsys.readouterr().out
+    with open(os.path.join(out, "sgpo_config.json")) as f:
+        assert json.load(f)["policy_target"] == "draft"
     assert os.path.isfile(os.path.join(out, "iter-0", "pairs.jsonl"))
     assert os.path.isfile(os.path.join(out, "final", "config.json"))
 
