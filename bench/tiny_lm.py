@@ -1,6 +1,6 @@
 """A tiny random Llama with a character-level tokenizer and a ChatML template, built offline,
-for ``python -m bench.quality --quick`` (a format check in seconds, not a measurement).
-Same construction as ``tests/tiny_lm.py``."""
+for ``python -m bench.quality --quick`` (a format check in seconds, not a measurement) and
+for the tests (``tests/tiny_lm.py`` re-exports it)."""
 from __future__ import annotations
 
 import os
@@ -29,14 +29,15 @@ def tiny_tokenizer():
     return tk
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, vocab: int = len(SPECIAL) + 96, dropout: float = 0.0,
+               tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(SPECIAL) + 96, hidden_size=32, intermediate_size=64,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, pad_token_id=0, eos_token_id=2,
-                      bos_token_id=None, tie_word_embeddings=False)
+                      bos_token_id=None, attention_dropout=dropout, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg)
 
 

@@ -317,7 +317,8 @@ except RunWriteError as e:
     sys.exit(0)
 sys.exit(5)
 """
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))  # tiny_lm, and the root for bench.tiny_lm
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

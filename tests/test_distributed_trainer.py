@@ -48,7 +48,8 @@ def _free_port() -> str:
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.path.dirname(HERE),  # bench.tiny_lm
+                                                    env.get("PYTHONPATH")) if p)
     return env
 
 

@@ -37,7 +37,7 @@ def _child(code: str, tmp_path, **env_vars) -> dict:
     returned here."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(env_vars, PYTHONPATH=TESTS)
+    env.update(env_vars, PYTHONPATH=os.pathsep.join([TESTS, os.path.dirname(TESTS)]))
     res = tmp_path / "out.json"
     script = NO_NETWORK + "OUT = {}\n" + code + f"\nOUT['attempts'] = ATTEMPTS\n" \
         f"import json; json.dump(OUT, open({str(res)!r}, 'w'))\n"

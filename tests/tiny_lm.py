@@ -1,32 +1,3 @@
 """A tiny random Llama with a character-level tokenizer and a ChatML chat template,
-built offline (no download), for the trainer / SGPO / CLI tests."""
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from sgdpo_fast.model.chat import CHATML
-
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-
-
-def tiny_tokenizer():
-    vocab = {s: i for i, s in enumerate(SPECIAL)}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL)
-    tk = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
-                                 unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
-    tk.chat_template = CHATML
-    return tk
-
-
-def tiny_model(seed=0, vocab=len(SPECIAL) + 96, dropout=0.0, tie=False):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=0, eos_token_id=2, bos_token_id=None,
-                      attention_dropout=dropout, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg)
+built offline (no download), for the trainer / SGPO / CLI tests: the one in ``bench/``."""
+from bench.tiny_lm import SPECIAL, save_tiny, tiny_model, tiny_tokenizer  # noqa: F401

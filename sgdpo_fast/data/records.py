@@ -128,11 +128,11 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> str:
         except OSError:
             pass
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return path
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     """Best-effort fsync of a directory so a rename inside it is durable."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from typing import Callable, Iterator
+from ..data.records import fsync_dir  # noqa: F401  (also used by checkpoint.py through this module)
 
 
 class RunWriteError(OSError):
@@ -47,20 +48,6 @@ def writing(path: str) -> Iterator[None]:
         err = RunWriteError(f"cannot write {path}: {describe_os_error(e)}")
         err.errno = getattr(e, "errno", None)
         raise err from e
-
-
-def fsync_dir(directory: str) -> None:
-    """Best-effort fsync of a directory, so a rename inside it survives a power cut."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: str) -> None:
