@@ -86,7 +86,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets deepspeed's probe, if installed
     t0 = time.perf_counter()
-    if os.path.isdir(a.out) and not a.resume:
+    if os.path.isdir(a.out) and os.listdir(a.out) and not a.resume:
+        # start over only in a folder an earlier demo made; never clear anything else
+        if not os.path.isfile(os.path.join(a.out, "eval_before.jsonl")):
+            raise SystemExit(f"{a.out} exists and is not a demo run folder: choose another --out")
         shutil.rmtree(a.out)
     os.makedirs(a.out, exist_ok=True)
     print(f"sgdpo_fast demo: {a.model} on {torch.get_num_threads()} CPU threads -> {a.out}/")

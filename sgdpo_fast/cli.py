@@ -186,6 +186,8 @@ def _cmd_train(args):
 
 
 def _cmd_sgpo(args):
+    import importlib.util
+
     from .data.records import load_sft
     from .model.generation import GenConfig
     from .sgpo import SGPOConfig, run_sgpo
@@ -193,7 +195,9 @@ def _cmd_sgpo(args):
     from .trainer.files import write_folder
 
     pref = _train_config(args, base=TrainConfig(loss_type="sgdpo", save_final=False))
-    imp = _train_config(args, "improver_", TrainConfig(loss_type="sft", lr=1e-5, save_final=False))
+    # --seed seeds both stages unless --improver-seed is given
+    imp = _train_config(args, "improver_", TrainConfig(loss_type="sft", lr=1e-5, save_final=False,
+                                                       seed=pref.seed))
     if imp.loss_type != "sft":
         raise ConfigError(f"--improver-loss-type must be sft, got {imp.loss_type!r}")
     # machinery flags apply to both training stages
@@ -216,6 +220,9 @@ def _cmd_sgpo(args):
             any(n.startswith("iter-") for n in os.listdir(args.out)):
         raise RunFolderError(f"{args.out} holds an earlier SGPO run: continue it with --resume "
                              f"or choose another --out")
+    if args.gen_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--gen-backend vllm needs vLLM (pip install vllm, on a CUDA machine); "
+                          "use --gen-backend hf or auto")
     records = load_sft(args.data, online=args.online)
     model, tok = _load_for_training(args)
     summaries = run_sgpo(model, tok, records, cfg, args.out, resume=args.resume)
@@ -357,7 +364,8 @@ def main(argv=None):
         if extra is None:
             raise
         print(f"{where}: error: needs the Python package {e.name!r}, not installed: "
-              f"pip install \"sgdpo_fast[{extra}]\"", file=sys.stderr)
+              f"pip install \"sgdpo_fast[{extra}]\" (from a clone: pip install \".[{extra}]\")",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)

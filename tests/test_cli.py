@@ -58,11 +58,14 @@ def test_sgpo_command(model_dir, tmp_path, capsys):
     out = str(tmp_path / "sgpo")
     rc = cli.main(["sgpo", "--model", model_dir, "--data", sft, "--out", out,
                    "--max-new-tokens", "6", "--max-steps", "1", "--improver-max-steps", "1",
-                   "--no-progress", "--improver-lr", "1e-3", "--policy-target", "draft"])
+                   "--no-progress", "--improver-lr", "1e-3", "--policy-target", "draft",
+                   "--seed", "3"])
     assert rc == 0
     assert "pairs kept" in capsys.readouterr().out
     with open(os.path.join(out, "sgpo_config.json")) as f:
-        assert json.load(f)["policy_target"] == "draft"
+        c = json.load(f)
+    assert c["policy_target"] == "draft"
+    assert c["seed"] == c["pref_train"]["seed"] == c["improver_train"]["seed"] == 3
     assert os.path.isfile(os.path.join(out, "iter-0", "pairs.jsonl"))
     assert os.path.isfile(os.path.join(out, "final", "config.json"))
 
@@ -351,4 +354,34 @@ def test_missing_optional_dependency_names_the_extra(model_dir, tmp_path, missin
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[-1] == (f"sgdpo-fast train: error: needs the Python package {missing!r}, not "
-                         f'installed: pip install "sgdpo_fast[{extra}]"'), r.stderr
+                         f'installed: pip install "sgdpo_fast[{extra}]" (from a clone: pip '
+                         f'install ".[{extra}]")'), r.stderr
+
+
+def test_user_errors_found_late_are_one_line_exit_2(model_dir, tmp_path, capsys):
+    """An empty data file, --gen-backend vllm without vLLM, an unknown embedded model: one
+    line, exit 2, no traceback."""
+    import importlib.util
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases = [(["train", "--model", model_dir, "--data", str(empty), "--out", str(tmp_path / "a")],
+              "no records"),
+             (["train", "--model", "embedded:nope", "--data", str(empty), "--out",
+               str(tmp_path / "b")], "no records"),
+             (["sgpo", "--model", model_dir, "--data", str(empty), "--out", str(tmp_path / "c")],
+              "no records")]
+    if importlib.util.find_spec("vllm") is None:
+        cases.append((["sgpo", "--model", model_dir, "--gen-backend", "vllm", "--out",
+                       str(tmp_path / "d")], "needs vLLM"))
+    for argv, msg in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0], (argv, err)
+    capsys.readouterr()
+    sft = tmp_path / "sft.jsonl"
+    write_jsonl(str(sft), [{"prompt": "Say cat.", "response": "cat"}])
+    assert cli.main(["train", "--model", "embedded:nope", "--data", str(sft), "--loss-type", "sft",
+                     "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown embedded model" in err[0], err

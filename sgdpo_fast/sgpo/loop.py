@@ -42,6 +42,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .. import distributed
 from ..data.records import read_jsonl, write_jsonl
 from ..model.generation import GenConfig, generate
 from ..model.chat import chat_prompt
@@ -196,6 +197,9 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
     cfg.validate()
     if not sft_records:
         raise ValueError("SGPO needs SFT records (prompt, response)")
+    # under a launcher, join the process group before the first barrier (the CLI has already;
+    # a script of the user's may not have): otherwise every rank would act as rank 0
+    distributed.init_from_env(next(model.parameters()).device.type)
     os.makedirs(out_dir, exist_ok=True)
     if not resume and os.listdir(out_dir):
         if any(n.startswith("iter-") for n in os.listdir(out_dir)):
