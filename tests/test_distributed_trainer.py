@@ -60,7 +60,9 @@ def torchrun(*args):
 
 def _run(cmd, timeout=300):
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=HERE)
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-6000:])
+    if p.returncode != 0:  # the whole output, not an assertion repr that pytest shortens
+        pytest.fail(f"exit code {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n"
+                    f"{p.stderr[-12000:]}", pytrace=False)
     return p
 
 
