@@ -20,12 +20,9 @@ from typing import List, Sequence
 # the SGPO improver stage alone with the earlier demo's settings (the suspect) and the
 # study's
 DEFAULT_GRID = [
-    "arm=sgdpo,lr=2e-5",
-    "arm=dpo,lr=2e-5",
-    "arm=sgdpo,nll_alpha=0.2",
-    "arm=sgdpo,style=sentence",
     "arm=improver,improver_lr=2e-5,policy_target=reference,improver_steps=12",
     "arm=improver",
+    "arm=sgdpo,lr=2e-5",
 ]
 
 
