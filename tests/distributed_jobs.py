@@ -15,15 +15,8 @@ import torch
 from safetensors.torch import save_file
 from sgdpo_fast import distributed
 from sgdpo_fast.trainer import RunFolderError, TrainConfig, train
-from tiny_lm import tiny_model, tiny_tokenizer
+from tiny_lm import PAIRS, tiny_model, tiny_tokenizer
 
-PAIRS = [
-    {"prompt": "Say yes.", "chosen": "yes", "rejected": "no way"},
-    {"prompt": "2+2?", "chosen": "4", "rejected": "five"},
-    {"prompt": "Color of sky?", "chosen": "blue", "rejected": "green!"},
-    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
-    {"prompt": "Opposite of up?", "chosen": "down", "rejected": "sideways"},
-]
 
 
 def config(**kw) -> TrainConfig:

@@ -9,15 +9,8 @@ import torch
 
 from sgdpo_fast.trainer import TrainConfig, Trainer, cosine_with_warmup, make_objective, train
 from sgdpo_fast.trainer.batches import answer_mask, collate, encode, token_logps
-from tiny_lm import tiny_model, tiny_tokenizer
+from tiny_lm import PAIRS, tiny_model, tiny_tokenizer
 
-PAIRS = [
-    {"prompt": "Say yes.", "chosen": "yes", "rejected": "no way"},
-    {"prompt": "2+2?", "chosen": "4", "rejected": "five"},
-    {"prompt": "Color of sky?", "chosen": "blue", "rejected": "green!"},
-    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
-    {"prompt": "Opposite of up?", "chosen": "down", "rejected": "sideways"},
-]
 
 
 @pytest.fixture(scope="module")
