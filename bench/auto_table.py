@@ -27,7 +27,9 @@ def measured_rows(results_root: str = RESULTS):
     for path in sorted(glob.glob(os.path.join(results_root, "*", "results.json"))):
         with open(path) as f:
             res = json.load(f)
-        if res.get("device") != "cuda" or not res.get("gpu"):
+        # Other result folders share the file name (the quality study's results.json is a list
+        # of runs): only a benchmark run's dict with a GPU in it is read.
+        if not isinstance(res, dict) or res.get("device") != "cuda" or not res.get("gpu"):
             continue
         gpu = auto_backend.gpu_key(res["gpu"])
         for r in res.get("rows", []):
@@ -37,7 +39,7 @@ def measured_rows(results_root: str = RESULTS):
             s = r["shape"]
             key = (gpu, r["dtype"], s["N"], s["D"], s["V"])
             row = rows.setdefault(key, dict(gpu=gpu, dtype=r["dtype"], N=s["N"], D=s["D"],
-                                            V=s["V"], ms={}, source=os.path.relpath(path, RESULTS)))
+                                            V=s["V"], ms={}, source=os.path.relpath(path, results_root)))
             row["ms"][METHODS[r["method"]]] = round(r["time_ms_median"], 3)
     return [rows[k] for k in sorted(rows)]
 

@@ -80,6 +80,33 @@ def test_shipped_table_is_up_to_date_and_decides_by_the_model():
         assert auto_backend.choose("h200", "bf16", 8192, 4096, 128256, (other, "torch")) == other
 
 
+def test_table_reads_only_gpu_benchmark_runs(tmp_path):
+    """Other result folders share the name ``results.json`` (the quality study writes a list of
+    runs; CPU benchmark runs have no GPU): only a GPU benchmark run's rows enter the table."""
+    import json
+    from bench import auto_table
+    runs = {
+        "quality": [{"arm": "dpo", "seed": 0}],
+        "cpu": {"device": "cpu", "gpu": None, "rows": [
+            {"workload": "logprob", "method": "ours_torch", "status": "ok", "dtype": "fp32",
+             "shape": {"N": 8, "D": 4, "V": 16}, "time_ms_median": 1.0}]},
+        "gpu": {"device": "cuda", "gpu": "NVIDIA H200", "rows": [
+            {"workload": "logprob", "method": "ours_triton", "status": "ok", "dtype": "bf16",
+             "shape": {"N": 8192, "D": 4096, "V": 128256}, "time_ms_median": 41.23456},
+            {"workload": "logprob", "method": "ours_cuda", "status": "oom", "dtype": "bf16",
+             "shape": {"N": 8192, "D": 4096, "V": 128256}, "time_ms_median": None},
+            {"workload": "logprob", "method": "eager", "status": "ok", "dtype": "bf16",
+             "shape": {"N": 8192, "D": 4096, "V": 128256}, "time_ms_median": 90.0}]},
+    }
+    for name, res in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    rows = auto_table.measured_rows(str(tmp_path))
+    assert len(rows) == 1
+    assert rows[0]["gpu"] == "h200" and rows[0]["ms"] == {"triton": 41.235}
+    assert (rows[0]["N"], rows[0]["D"], rows[0]["V"], rows[0]["dtype"]) == (8192, 4096, 128256, "bf16")
+
+
 def test_auto_on_cuda_stays_auto_and_dispatches():
     """``resolve`` keeps ``auto`` for CUDA devices (the shape is not known yet); the dispatcher
     runs the chosen backend's forward and backward (here on CPU, where it falls back)."""
