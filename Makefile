@@ -9,11 +9,13 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 GPU_OUT ?= bench/results/gpu-check
+# pyproject.toml's requires-python, said before a venv is made (pip's refusal is cryptic)
+PYCHECK = $(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "sgdpo_fast needs Python >= 3.10; $(PY) is " + sys.version.split()[0] + ": run make PY=python3.11 ...")'
 
 .PHONY: venv demo-venv test test-fast demo bench gpu-check nvcc-check wheel-check clean
 
 $(STAMP): setup.py pyproject.toml requirements-dev.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || { $(PYCHECK) && $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
@@ -21,7 +23,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt
 	touch $(STAMP) $(DEMO_STAMP)
 
 $(DEMO_STAMP): setup.py pyproject.toml requirements-dev.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || { $(PYCHECK) && $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -c requirements-dev.txt -e ".[train,bench]"

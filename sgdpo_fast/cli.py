@@ -216,16 +216,20 @@ def _cmd_sgpo(args):
                          improver_train=imp, pref_train=pref).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not args.resume and os.path.isdir(args.out) and \
+    if args.resume and args.overwrite:
+        raise RunFolderError("--resume continues an SGPO run and --overwrite replaces it: "
+                             "give one of them")
+    if not args.resume and not args.overwrite and os.path.isdir(args.out) and \
             any(n.startswith("iter-") for n in os.listdir(args.out)):
-        raise RunFolderError(f"{args.out} holds an earlier SGPO run: continue it with --resume "
-                             f"or choose another --out")
+        raise RunFolderError(f"{args.out} holds an earlier SGPO run: continue it with --resume, "
+                             f"replace it with --overwrite or choose another --out")
     if args.gen_backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("--gen-backend vllm needs vLLM (pip install vllm, on a CUDA machine); "
                           "use --gen-backend hf or auto")
     records = load_sft(args.data, online=args.online)
     model, tok = _load_for_training(args)
-    summaries = run_sgpo(model, tok, records, cfg, args.out, resume=args.resume)
+    summaries = run_sgpo(model, tok, records, cfg, args.out, resume=args.resume,
+                         overwrite=args.overwrite)
     final = os.path.join(args.out, "final")
     from . import distributed
     if distributed.is_main():
@@ -279,7 +283,10 @@ def _parser():
     _add_model(s)
     s.add_argument("--data", default="bundled:train", help="SFT JSONL (prompt/response)")
     s.add_argument("--out", required=True)
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--resume", action="store_true", help="continue the SGPO run in --out")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the SGPO run in --out (deletes its iter-*, sgpo_config.json "
+                        "and final/, nothing else)")
     s.add_argument("--iterations", type=_typed(_POS_INT), default=1)
     s.add_argument("--improver-prompts", type=_typed(Rule("int", lo=1, none=True)), default=None,
                    help="default: all")

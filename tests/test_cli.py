@@ -69,6 +69,26 @@ def test_sgpo_command(model_dir, tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "iter-0", "pairs.jsonl"))
     assert os.path.isfile(os.path.join(out, "final", "config.json"))
 
+    # a second run into the same folder: refused, unless --overwrite, which deletes only the
+    # SGPO run's entries (a file of the user's stays)
+    args = ["sgpo", "--model", model_dir, "--data", sft, "--out", out, "--max-new-tokens", "6",
+            "--max-steps", "1", "--improver-max-steps", "1", "--no-progress"]
+    assert cli.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(args + ["--resume", "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    stale = os.path.join(out, "iter-0", "stale.txt")
+    with open(stale, "w") as f:
+        f.write("from the first run")
+    assert cli.main(args + ["--overwrite"]) == 0
+    with open(os.path.join(out, "sgpo_config.json")) as f:
+        assert json.load(f)["policy_target"] == "reference"  # the second run's config
+    assert not os.path.exists(stale)
+    assert os.path.isfile(os.path.join(out, "iter-0", "pairs.jsonl"))
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"
+
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(model_dir, tmp_path):
     """A real `kill` of a training process: it saves the last finished step and exits 130;

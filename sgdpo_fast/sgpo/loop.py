@@ -187,24 +187,41 @@ def improver_stage(model, tokenizer, records: Sequence[dict], cfg: SGPOConfig, d
     return {"improver_examples": len(sft), "improver": info}
 
 
+SGPO_ENTRIES = ("sgpo_config.json", "final")  # with iter-*: what overwrite=True deletes
+
+
 def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
-             resume: bool = False, pref_records: Optional[Sequence[dict]] = None) -> List[dict]:
+             resume: bool = False, pref_records: Optional[Sequence[dict]] = None,
+             overwrite: bool = False) -> List[dict]:
     """Run ``cfg.iterations`` SGPO iterations on ``model`` (updated in place).
 
     ``sft_records``: ``{"prompt", "response"}``; the improver is trained on them and,
     unless ``pref_records`` (``{"prompt"}``) are given, their prompts are also the
-    preference prompts.  Returns one summary dict per iteration."""
+    preference prompts.  ``resume`` continues the run in ``out_dir``; ``overwrite`` deletes
+    an earlier run's entries there first (``iter-*``, ``sgpo_config.json``, ``final``; nothing
+    else).  Returns one summary dict per iteration."""
     cfg.validate()
+    if resume and overwrite:
+        raise ValueError("resume=True (--resume) continues an SGPO run and overwrite=True "
+                         "(--overwrite) replaces it: give one of them")
     if not sft_records:
         raise ValueError("SGPO needs SFT records (prompt, response)")
     # under a launcher, join the process group before the first barrier (the CLI has already;
     # a script of the user's may not have): otherwise every rank would act as rank 0
     distributed.init_from_env(next(model.parameters()).device.type)
     os.makedirs(out_dir, exist_ok=True)
-    if not resume and os.listdir(out_dir):
-        if any(n.startswith("iter-") for n in os.listdir(out_dir)):
-            raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume) "
-                             f"or choose another folder")
+    if overwrite:
+        if sharded.is_main():
+            for n in os.listdir(out_dir):
+                if n.startswith("iter-") or n in SGPO_ENTRIES:
+                    p = os.path.join(out_dir, n)
+                    if os.path.isdir(p) and not os.path.islink(p):
+                        shutil.rmtree(p)
+                    else:
+                        os.remove(p)
+    elif not resume and any(n.startswith("iter-") for n in os.listdir(out_dir)):
+        raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume), "
+                         f"overwrite=True (--overwrite) or choose another folder")
     sharded.barrier()  # every rank has looked at the folder before rank 0 writes into it
     if sharded.is_main():
         with open(os.path.join(out_dir, "sgpo_config.json"), "w") as f:
