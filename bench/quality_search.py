@@ -116,7 +116,9 @@ def plot(points: Sequence[dict], path: str):
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # points are numbered on the axes and named in one legend below them (a setting's
+    # name is too long to print beside its point)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.22 * len(points)))
     base = points[0]
     for ax, xkey, xlabel in ((axes[0], "probe_accuracy", "probe accuracy (untrained families)"),
                              (axes[1], "probe_choice_accuracy",
@@ -124,17 +126,21 @@ def plot(points: Sequence[dict], path: str):
         for i, p in enumerate(points):
             if p.get(xkey) is None:
                 continue
-            ax.scatter(p[xkey], p["heldout_accuracy"], marker="*" if p["arm"] == "base" else "o",
-                       s=90 if p["arm"] == "base" else 30, color="k" if p["arm"] == "base" else f"C{i % 10}")
-            ax.annotate(p["spec"].replace("arm=", ""), (p[xkey], p["heldout_accuracy"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            is_base = p["arm"] == "base"
+            ax.scatter(p[xkey], p["heldout_accuracy"], marker="*" if is_base else "o",
+                       s=90 if is_base else 30, color="k" if is_base else f"C{i % 10}",
+                       label=f"{i}: {p['spec']} (answers {p['mean_length']:.1f} tokens)")
+            ax.annotate(str(i), (p[xkey], p["heldout_accuracy"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
         ax.axhline(base["heldout_accuracy"], color="k", lw=0.5, ls=":")
         ax.axvline(base[xkey], color="k", lw=0.5, ls=":")
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("held-out accuracy (trained families)", fontsize=9)
         ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=(0.22 * len(points) + 0.5) / (4.2 + 0.22 * len(points)))
     fig.suptitle("help (up) vs harm (left): one seed per setting", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -20,8 +20,9 @@ settings (``DEMO`` and ``IMPROVER`` below; docs/study.md says where they come fr
 are a larger learning rate and far fewer steps than the paper's, sized for a 2-core
 CPU in about ten minutes.  The improver stage trains gently and its plain policy
 examples answer with the model's own drafts, so only preference training moves the
-policy role: the study's pilot search measured that SFT on the terse reference answers (the
-earlier demo's improver stage, lr 2e-5) cost ability on untrained tasks.
+policy role: SFT on the terse reference answers (the earlier demo's improver stage, lr 2e-5)
+cut the model's answers to a third of their length in the study's settings search, and its
+pilot search saw it cost ability on untrained tasks (the larger search did not: docs/study.md).
 """
 from __future__ import annotations
 
