@@ -191,6 +191,7 @@ def _cmd_sgpo(args):
     from .data.records import load_sft
     from .model.generation import GenConfig
     from .sgpo import SGPOConfig, run_sgpo
+    from .sgpo.loop import holds_sgpo_run
     from .trainer import RunFolderError
     from .trainer.files import write_folder
 
@@ -219,8 +220,7 @@ def _cmd_sgpo(args):
     if args.resume and args.overwrite:
         raise RunFolderError("--resume continues an SGPO run and --overwrite replaces it: "
                              "give one of them")
-    if not args.resume and not args.overwrite and os.path.isdir(args.out) and \
-            any(n.startswith("iter-") for n in os.listdir(args.out)):
+    if not args.resume and not args.overwrite and holds_sgpo_run(args.out):
         raise RunFolderError(f"{args.out} holds an earlier SGPO run: continue it with --resume, "
                              f"replace it with --overwrite or choose another --out")
     if args.gen_backend == "vllm" and importlib.util.find_spec("vllm") is None:

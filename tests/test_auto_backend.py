@@ -84,6 +84,7 @@ def test_table_reads_only_gpu_benchmark_runs(tmp_path):
     """Other result folders share the name ``results.json`` (the quality study writes a list of
     runs; CPU benchmark runs have no GPU): only a GPU benchmark run's rows enter the table."""
     import json
+    import os
     from bench import auto_table
     runs = {
         "quality": [{"arm": "dpo", "seed": 0}],
@@ -104,6 +105,7 @@ def test_table_reads_only_gpu_benchmark_runs(tmp_path):
     rows = auto_table.measured_rows(str(tmp_path))
     assert len(rows) == 1
     assert rows[0]["gpu"] == "h200" and rows[0]["ms"] == {"triton": 41.235}
+    assert rows[0]["source"] == os.path.join("gpu", "results.json")
     assert (rows[0]["N"], rows[0]["D"], rows[0]["V"], rows[0]["dtype"]) == (8192, 4096, 128256, "bf16")
 
 

@@ -77,17 +77,19 @@ def test_sgpo_command(model_dir, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--resume", "--overwrite"]) == 2
     assert "give one of them" in capsys.readouterr().err
-    with open(os.path.join(out, "notes.txt"), "w") as f:
-        f.write("mine")
-    stale = os.path.join(out, "iter-0", "stale.txt")
-    with open(stale, "w") as f:
-        f.write("from the first run")
+    mine = [os.path.join(out, n) for n in ("notes.txt", "iter-notes.txt")]
+    stale = [os.path.join(out, "iter-0", "stale.txt"), os.path.join(out, "final", "stale.txt"),
+             os.path.join(out, "final.tmp")]  # the last: left by an interrupted write
+    for p in mine + stale:
+        with open(p, "w") as f:
+            f.write("x")
     assert cli.main(args + ["--overwrite"]) == 0
     with open(os.path.join(out, "sgpo_config.json")) as f:
         assert json.load(f)["policy_target"] == "reference"  # the second run's config
-    assert not os.path.exists(stale)
+    assert not any(os.path.exists(p) for p in stale)
+    assert all(os.path.isfile(p) for p in mine)
     assert os.path.isfile(os.path.join(out, "iter-0", "pairs.jsonl"))
-    assert open(os.path.join(out, "notes.txt")).read() == "mine"
+    assert os.path.isfile(os.path.join(out, "final", "config.json"))
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(model_dir, tmp_path):

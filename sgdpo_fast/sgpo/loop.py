@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence
@@ -187,7 +188,13 @@ def improver_stage(model, tokenizer, records: Sequence[dict], cfg: SGPOConfig, d
     return {"improver_examples": len(sft), "improver": info}
 
 
-SGPO_ENTRIES = ("sgpo_config.json", "final")  # with iter-*: what overwrite=True deletes
+SGPO_ENTRIES = ("sgpo_config.json", "final")  # with iter-N: what overwrite=True deletes
+_SGPO_ENTRY = re.compile(r"(iter-\d+|sgpo_config\.json|final)(\.tmp|\.old)?")
+
+
+def holds_sgpo_run(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds an SGPO run's iterations (``iter-N`` folders)."""
+    return os.path.isdir(out_dir) and any(re.fullmatch(r"iter-\d+", n) for n in os.listdir(out_dir))
 
 
 def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
@@ -198,8 +205,8 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
     ``sft_records``: ``{"prompt", "response"}``; the improver is trained on them and,
     unless ``pref_records`` (``{"prompt"}``) are given, their prompts are also the
     preference prompts.  ``resume`` continues the run in ``out_dir``; ``overwrite`` deletes
-    an earlier run's entries there first (``iter-*``, ``sgpo_config.json``, ``final``; nothing
-    else).  Returns one summary dict per iteration."""
+    an earlier run's entries there first (``iter-N``, ``sgpo_config.json``, ``final`` and
+    their ``.tmp`` / ``.old`` siblings; nothing else).  Returns one summary dict per iteration."""
     cfg.validate()
     if resume and overwrite:
         raise ValueError("resume=True (--resume) continues an SGPO run and overwrite=True "
@@ -213,13 +220,13 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
     if overwrite:
         if sharded.is_main():
             for n in os.listdir(out_dir):
-                if n.startswith("iter-") or n in SGPO_ENTRIES:
+                if _SGPO_ENTRY.fullmatch(n):  # with the temporaries of an interrupted write
                     p = os.path.join(out_dir, n)
                     if os.path.isdir(p) and not os.path.islink(p):
                         shutil.rmtree(p)
                     else:
                         os.remove(p)
-    elif not resume and any(n.startswith("iter-") for n in os.listdir(out_dir)):
+    elif not resume and holds_sgpo_run(out_dir):
         raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume), "
                          f"overwrite=True (--overwrite) or choose another folder")
     sharded.barrier()  # every rank has looked at the folder before rank 0 writes into it
