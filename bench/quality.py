@@ -62,6 +62,7 @@ from sgdpo_fast.sgpo import SGPOConfig, improver_stage, run_sgpo
 from sgdpo_fast.trainer import TrainConfig, train
 from sgdpo_fast.trainer.batches import answer_mask, collate, encode, token_logps
 from sgdpo_fast.trainer.objectives import REF_FILE, make_objective
+from sgdpo_fast.trainer.run_folder import model_fingerprint
 
 from . import quality_report as report
 from .quality_stats import bootstrap_ci
@@ -446,14 +447,18 @@ class Study:
         if os.path.isfile(os.path.join(tdir, REF_FILE)):
             return
         obj = make_objective(pairs, self.tok, cfg)
-        shared = os.path.join(self.work, "reference", obj.fingerprint()[:16])
+        self.reset()
+        # the file carries the fingerprint the trainer checks: the data's and the base model's
+        # (without the model's it would never match and every run would recompute it)
+        model_fp = model_fingerprint(self.model)
+        shared = os.path.join(self.work, "reference", obj.fingerprint()[:16] + "-" + model_fp[:8])
         os.makedirs(shared, exist_ok=True)
         if not os.path.isfile(os.path.join(shared, REF_FILE)):
-            self.reset()
             dev = next(self.model.parameters()).device
             bf16 = cfg.bf16 if cfg.bf16 is not None else dev.type == "cuda"
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                obj.prepare(self.model, shared)  # under the autocast the trainer's policy uses
+                # under the autocast the trainer's policy uses
+                obj.prepare(self.model, shared, model_fp)
         shutil.copyfile(os.path.join(shared, REF_FILE), os.path.join(tdir, REF_FILE) + ".tmp")
         os.replace(os.path.join(tdir, REF_FILE) + ".tmp", os.path.join(tdir, REF_FILE))
 

@@ -20,11 +20,28 @@ FIELDS = ["arm", "seed", "heldout_accuracy", "heldout_accuracy_ci", "per_family"
 FAMILIES = {"arithmetic", "counting", "sorting", "formatting", "extraction", "sequence"}
 
 
+QUICK_LOG = []  # what the quick study printed
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    import contextlib
+    import io
     work = tmp_path_factory.mktemp("quality")
-    assert quality.main(["--quick", "--work", str(work), "--no-progress"]) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert quality.main(["--quick", "--work", str(work), "--no-progress"]) == 0
+    QUICK_LOG.append(buf.getvalue())
     return work
+
+
+def test_reference_logprobs_are_computed_once_per_pair_set(quick):
+    """The arms share the base model's reference log-probs: the copy each run gets carries
+    the fingerprint the trainer checks, so no run recomputes it."""
+    log = QUICK_LOG[0]
+    assert "quality study:" in log  # the study's own lines were captured
+    assert "was computed for other data" not in log, log[-2000:]
+    assert len(os.listdir(quick / "reference")) >= 1
 
 
 def _load(path):
