@@ -15,14 +15,21 @@ import os
 import re
 from typing import List, Sequence
 
-# one factor at a time around the study's defaults (the grid of the committed search.md:
-# what fits beside the study in the 2-core budget);
-# the SGPO improver stage alone with the earlier demo's settings (the issue's suspect) and the
-# study's
+# The SGPO improver stage alone with the earlier demo's settings (the issue's suspect) and the
+# study's; SGDPO at the study's settings and one factor of the issue's list changed at a time
+# (learning rate, steps, beta, pilot ratios, the NLL/RPO term, the reference answers' style).
+# The committed search.md is this grid (about 45 min on 2 cores).
 DEFAULT_GRID = [
     "arm=improver,improver_lr=2e-5,policy_target=reference,improver_steps=12",
     "arm=improver",
     "arm=sgdpo,lr=2e-5",
+    "arm=sgdpo",
+    "arm=sgdpo,beta=0.5",
+    "arm=sgdpo,steps=32",
+    "arm=sgdpo,nll_alpha=0.2",
+    "arm=sgdpo,style=sentence",
+    "arm=sgdpo,pilot_ratio_chosen=0.3,pilot_ratio_rejected=0.6",
+    "arm=sgdpo,lr=1e-6",
 ]
 
 
@@ -123,6 +130,7 @@ def plot(points: Sequence[dict], path: str):
     for ax, xkey, xlabel in ((axes[0], "probe_accuracy", "probe accuracy (untrained families)"),
                              (axes[1], "probe_choice_accuracy",
                               "probe: reference more likely than a wrong answer")):
+        at = {}  # points on the same spot share one label ("4,9")
         for i, p in enumerate(points):
             if p.get(xkey) is None:
                 continue
@@ -130,8 +138,10 @@ def plot(points: Sequence[dict], path: str):
             ax.scatter(p[xkey], p["heldout_accuracy"], marker="*" if is_base else "o",
                        s=90 if is_base else 30, color="k" if is_base else f"C{i % 10}",
                        label=f"{i}: {p['spec']} (answers {p['mean_length']:.1f} tokens)")
-            ax.annotate(str(i), (p[xkey], p["heldout_accuracy"]), fontsize=8,
-                        xytext=(4, 3), textcoords="offset points")
+            at.setdefault((round(p[xkey], 6), round(p["heldout_accuracy"], 6)), []).append(str(i))
+        for (x, y), names in at.items():
+            ax.annotate(",".join(names), (x, y), fontsize=8, xytext=(4, 3),
+                        textcoords="offset points")
         ax.axhline(base["heldout_accuracy"], color="k", lw=0.5, ls=":")
         ax.axvline(base[xkey], color="k", lw=0.5, ls=":")
         ax.set_xlabel(xlabel, fontsize=9)
@@ -139,8 +149,8 @@ def plot(points: Sequence[dict], path: str):
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=(0.22 * len(points) + 0.5) / (4.2 + 0.22 * len(points)))
+    fig.subplots_adjust(bottom=(0.17 * len(points) + 0.9) / (4.2 + 0.22 * len(points)))
     fig.suptitle("help (up) vs harm (left): one seed per setting", fontsize=10)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
