@@ -639,7 +639,7 @@ def _parse_args(argv):
     ap.add_argument("--search", nargs="*", default=None, metavar="SPEC",
                     help="run the settings search instead of the study: each SPEC is "
                          "'name=value,...' over the plan (arm=dpo|sgdpo|...|improver picks the "
-                         "arm, default sgdpo); no SPEC: the default grid (bench/quality_report.py)")
+                         "arm, default sgdpo); no SPEC: the default grid (bench/quality_search.py)")
     ap.add_argument("--out", default=None, help="results folder (default "
                     "bench/results/quality-<machine>; --quick: <work>/results)")
     ap.add_argument("--work", default=None, help="runs and checkpoints (default runs/quality-<machine>)")

@@ -127,6 +127,10 @@ def plot(points: Sequence[dict], path: str):
     # name is too long to print beside its point)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.22 * len(points)))
     base = points[0]
+
+    def colors(i):  # base is black, so C0-C9 serve 11 points; more points take tab20
+        return f"C{i % 10}" if len(points) <= 11 else plt.cm.tab20(i % 20)
+
     for ax, xkey, xlabel in ((axes[0], "probe_accuracy", "probe accuracy (untrained families)"),
                              (axes[1], "probe_choice_accuracy",
                               "probe: reference more likely than a wrong answer")):
@@ -136,11 +140,19 @@ def plot(points: Sequence[dict], path: str):
                 continue
             is_base = p["arm"] == "base"
             ax.scatter(p[xkey], p["heldout_accuracy"], marker="*" if is_base else "o",
-                       s=90 if is_base else 30, color="k" if is_base else f"C{i % 10}",
+                       s=90 if is_base else 30, color="k" if is_base else colors(i),
                        label=f"{i}: {p['spec']} (answers {p['mean_length']:.1f} tokens)")
             at.setdefault((round(p[xkey], 6), round(p["heldout_accuracy"], 6)), []).append(str(i))
+        # a label that would land on an earlier one (labels are wide: within 8% of the axes'
+        # width and 4% of their height) goes higher above its point
+        x0, x1 = ax.get_xlim()
+        y0, y1 = ax.get_ylim()
+        placed = []
         for (x, y), names in at.items():
-            ax.annotate(",".join(names), (x, y), fontsize=8, xytext=(4, 3),
+            u, v = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
+            near = any(abs(u - a) < 0.08 and abs(v - b) < 0.04 for a, b in placed)
+            placed.append((u, v))
+            ax.annotate(",".join(names), (x, y), fontsize=8, xytext=(4, 12 if near else 3),
                         textcoords="offset points")
         ax.axhline(base["heldout_accuracy"], color="k", lw=0.5, ls=":")
         ax.axvline(base[xkey], color="k", lw=0.5, ls=":")
@@ -149,7 +161,7 @@ def plot(points: Sequence[dict], path: str):
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=(0.17 * len(points) + 0.9) / (4.2 + 0.22 * len(points)))
+    fig.subplots_adjust(bottom=(0.17 * len(points) + 0.6) / (4.2 + 0.22 * len(points)))
     fig.suptitle("help (up) vs harm (left): one seed per setting", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -18,11 +18,12 @@ The run folder (default ``runs/demo``) keeps everything: eval answers, SGPO
 pairs with filter decisions, metrics JSONL + PNG, the final model.  Demo
 settings (``DEMO`` and ``IMPROVER`` below; docs/study.md says where they come from)
 are a larger learning rate and far fewer steps than the paper's, sized for a 2-core
-CPU in about five minutes (4 min 36 s on a quiet 2-core AMD EPYC).  The improver stage trains gently and its plain policy
-examples answer with the model's own drafts, so only preference training moves the
-policy role: SFT on the terse reference answers (the earlier demo's improver stage, lr 2e-5)
-cut the model's answers to a third of their length in the study's settings search, and its
-pilot search saw it cost ability on untrained tasks (the larger search did not: docs/study.md).
+CPU in about five minutes (4 min 36 s on a quiet 2-core AMD EPYC).  The improver stage
+trains gently and its plain policy examples answer with the model's own drafts, so only
+preference training moves the policy role: SFT on the terse reference answers (the earlier
+demo's improver stage, lr 2e-5) cut the model's answers to a third of their length in the
+study's settings search, and its pilot search saw it cost ability on untrained tasks (the
+larger search did not: docs/study.md).
 """
 from __future__ import annotations
 

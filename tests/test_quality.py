@@ -35,13 +35,36 @@ def quick(tmp_path_factory):
     return work
 
 
+def _safetensors_metadata(path):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def test_reference_logprobs_are_computed_once_per_pair_set(quick):
-    """The arms share the base model's reference log-probs: the copy each run gets carries
-    the fingerprint the trainer checks, so no run recomputes it."""
+    """The arms share the base model's reference log-probs: one file per pair set, and the
+    copy in each preference-arm run carries the fingerprint that run's trainer checks
+    (data and base model, as recorded in its config.json), so no run recomputes it."""
+    import hashlib
     log = QUICK_LOG[0]
     assert "quality study:" in log  # the study's own lines were captured
     assert "was computed for other data" not in log, log[-2000:]
-    assert len(os.listdir(quick / "reference")) >= 1
+    shared = {}
+    for d in (quick / "reference").iterdir():
+        shared[d.name] = _safetensors_metadata(d / "reference_logps.safetensors")["fingerprint"]
+    used, checked = set(), 0
+    for cfg_path in quick.rglob("train/config.json"):
+        fp = _load(cfg_path).get("fingerprints")
+        key = f"{fp['data'][:16]}-{fp['model'][:8]}" if fp else None
+        if key not in shared:
+            continue  # an SGPO stage's own reference
+        want = hashlib.sha256(f"{fp['data']} {fp['model']}".encode()).hexdigest()
+        got = _safetensors_metadata(cfg_path.parent / "reference_logps.safetensors")
+        assert got["fingerprint"] == want == shared[key], cfg_path
+        used.add(key)
+        checked += 1
+    assert checked >= len(quality.PAIR_ARMS) * 3  # every pair arm and seed (and LOFO runs)
+    assert used == set(shared)  # one shared file per pair set, each one used
 
 
 def _load(path):
