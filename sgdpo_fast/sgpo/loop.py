@@ -37,7 +37,6 @@ import math
 import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence
 
@@ -48,6 +47,7 @@ from ..data.records import read_jsonl, write_jsonl
 from ..model.generation import GenConfig, generate
 from ..model.chat import chat_prompt
 from ..trainer import TrainConfig, train
+from ..trainer.run_folder import clear_run
 from ..trainer.batches import answer_mask, collate, encode, token_logps
 from . import sharded
 from .filters import decide
@@ -189,12 +189,16 @@ def improver_stage(model, tokenizer, records: Sequence[dict], cfg: SGPOConfig, d
 
 
 SGPO_ENTRIES = ("sgpo_config.json", "final")  # with iter-N: what overwrite=True deletes
-_SGPO_ENTRY = re.compile(r"(iter-\d+|sgpo_config\.json|final)(\.tmp|\.old)?")
+_ITER = re.compile(r"iter-\d+")  # an iteration's folder
+
+
+def _is_sgpo_entry(name: str) -> bool:
+    return name in SGPO_ENTRIES or _ITER.fullmatch(name) is not None
 
 
 def holds_sgpo_run(out_dir: str) -> bool:
     """Whether ``out_dir`` holds an SGPO run's iterations (``iter-N`` folders)."""
-    return os.path.isdir(out_dir) and any(re.fullmatch(r"iter-\d+", n) for n in os.listdir(out_dir))
+    return os.path.isdir(out_dir) and any(_ITER.fullmatch(n) for n in os.listdir(out_dir))
 
 
 def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
@@ -218,14 +222,8 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
     distributed.init_from_env(next(model.parameters()).device.type)
     os.makedirs(out_dir, exist_ok=True)
     if overwrite:
-        if sharded.is_main():
-            for n in os.listdir(out_dir):
-                if _SGPO_ENTRY.fullmatch(n):  # with the temporaries of an interrupted write
-                    p = os.path.join(out_dir, n)
-                    if os.path.isdir(p) and not os.path.islink(p):
-                        shutil.rmtree(p)
-                    else:
-                        os.remove(p)
+        if sharded.is_main():  # with the temporaries of an interrupted write
+            clear_run(out_dir, _is_sgpo_entry)
     elif not resume and holds_sgpo_run(out_dir):
         raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume), "
                          f"overwrite=True (--overwrite) or choose another folder")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -52,9 +52,12 @@ def check_start(out_dir: str, resume: bool, overwrite: bool) -> None:
                              f"(resume=True) or replace it with --overwrite (overwrite=True)")
 
 
-def clear_run(out_dir: str) -> None:
-    """Delete the trainer's files in ``out_dir`` (only those: ``RUN_ENTRIES`` and their
-    temporary siblings)."""
+def clear_run(out_dir: str, is_entry: Optional[Callable[[str], bool]] = None) -> None:
+    """Delete a run's own entries in ``out_dir`` and their temporary siblings (``.tmp``,
+    ``.old``, ``.tmp.png``), nothing else.  ``is_entry(name)`` says which names are the run's
+    (default: the trainer's ``RUN_ENTRIES``; the SGPO loop passes its own)."""
+    if is_entry is None:
+        is_entry = RUN_ENTRIES.__contains__
     if not os.path.isdir(out_dir):
         return
     for name in os.listdir(out_dir):
@@ -62,7 +65,7 @@ def clear_run(out_dir: str) -> None:
         for suffix in (".tmp", ".old", ".tmp.png"):
             if base.endswith(suffix):
                 base = base[:-len(suffix)]
-        if base in RUN_ENTRIES or name in RUN_ENTRIES:
+        if is_entry(base) or is_entry(name):
             p = os.path.join(out_dir, name)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p)
