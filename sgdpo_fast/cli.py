@@ -191,8 +191,7 @@ def _cmd_sgpo(args):
     from .data.records import load_sft
     from .model.generation import GenConfig
     from .sgpo import SGPOConfig, run_sgpo
-    from .sgpo.loop import holds_sgpo_run
-    from .trainer import RunFolderError
+    from .sgpo.loop import check_sgpo_start
     from .trainer.files import write_folder
 
     pref = _train_config(args, base=TrainConfig(loss_type="sgdpo", save_final=False))
@@ -217,12 +216,7 @@ def _cmd_sgpo(args):
                          improver_train=imp, pref_train=pref).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if args.resume and args.overwrite:
-        raise RunFolderError("--resume continues an SGPO run and --overwrite replaces it: "
-                             "give one of them")
-    if not args.resume and not args.overwrite and holds_sgpo_run(args.out):
-        raise RunFolderError(f"{args.out} holds an earlier SGPO run: continue it with --resume, "
-                             f"replace it with --overwrite or choose another --out")
+    check_sgpo_start(args.out, args.resume, args.overwrite)  # before loading anything
     if args.gen_backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("--gen-backend vllm needs vLLM (pip install vllm, on a CUDA machine); "
                           "use --gen-backend hf or auto")

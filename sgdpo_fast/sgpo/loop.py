@@ -47,7 +47,7 @@ from ..data.records import read_jsonl, write_jsonl
 from ..model.generation import GenConfig, generate
 from ..model.chat import chat_prompt
 from ..trainer import TrainConfig, train
-from ..trainer.run_folder import clear_run
+from ..trainer.run_folder import RunFolderError, clear_run
 from ..trainer.batches import answer_mask, collate, encode, token_logps
 from . import sharded
 from .filters import decide
@@ -196,9 +196,17 @@ def _is_sgpo_entry(name: str) -> bool:
     return name in SGPO_ENTRIES or _ITER.fullmatch(name) is not None
 
 
-def holds_sgpo_run(out_dir: str) -> bool:
-    """Whether ``out_dir`` holds an SGPO run's iterations (``iter-N`` folders)."""
-    return os.path.isdir(out_dir) and any(_ITER.fullmatch(n) for n in os.listdir(out_dir))
+def check_sgpo_start(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """Raise RunFolderError unless an SGPO run may start (or resume) in ``out_dir`` as asked
+    (the CLI calls it before loading anything; ``run_sgpo`` again)."""
+    if resume and overwrite:
+        raise RunFolderError("--resume (resume=True) continues an SGPO run and --overwrite "
+                             "(overwrite=True) replaces it: give one of them")
+    if not resume and not overwrite and os.path.isdir(out_dir) and \
+            any(_ITER.fullmatch(n) for n in os.listdir(out_dir)):
+        raise RunFolderError(f"{out_dir} holds an earlier SGPO run: continue it with --resume "
+                             f"(resume=True), replace it with --overwrite (overwrite=True) or "
+                             f"choose another folder")
 
 
 def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out_dir: str,
@@ -212,21 +220,15 @@ def run_sgpo(model, tokenizer, sft_records: Sequence[dict], cfg: SGPOConfig, out
     an earlier run's entries there first (``iter-N``, ``sgpo_config.json``, ``final`` and
     their ``.tmp`` / ``.old`` siblings; nothing else).  Returns one summary dict per iteration."""
     cfg.validate()
-    if resume and overwrite:
-        raise ValueError("resume=True (--resume) continues an SGPO run and overwrite=True "
-                         "(--overwrite) replaces it: give one of them")
+    check_sgpo_start(out_dir, resume, overwrite)
     if not sft_records:
         raise ValueError("SGPO needs SFT records (prompt, response)")
     # under a launcher, join the process group before the first barrier (the CLI has already;
     # a script of the user's may not have): otherwise every rank would act as rank 0
     distributed.init_from_env(next(model.parameters()).device.type)
     os.makedirs(out_dir, exist_ok=True)
-    if overwrite:
-        if sharded.is_main():  # with the temporaries of an interrupted write
-            clear_run(out_dir, _is_sgpo_entry)
-    elif not resume and holds_sgpo_run(out_dir):
-        raise ValueError(f"{out_dir} holds an earlier SGPO run: pass resume=True (--resume), "
-                         f"overwrite=True (--overwrite) or choose another folder")
+    if overwrite and sharded.is_main():  # with the temporaries of an interrupted write
+        clear_run(out_dir, _is_sgpo_entry)
     sharded.barrier()  # every rank has looked at the folder before rank 0 writes into it
     if sharded.is_main():
         with open(os.path.join(out_dir, "sgpo_config.json"), "w") as f:
